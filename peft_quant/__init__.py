@@ -1,0 +1,20 @@
+"""peft-quant: memory-lean fine-tuning of quantized models, as PEFT methods.
+
+``import peft_quant`` registers the methods with PEFT, so ``peft.get_peft_model``, ``PeftModel.from_pretrained``,
+``AutoPeftModel*`` and transformers' ``load_adapter`` accept their configs and adapters.
+"""
+
+from .registration import check_peft, install_push_to_hub, register
+
+check_peft()
+
+from .config_base import AdapterFormatError  # noqa: E402
+from .qoft import QOFTConfig, QOFTModel  # noqa: E402
+from .quant_formats import UnsupportedLayerError  # noqa: E402
+
+register("qoft", QOFTConfig, QOFTModel)
+install_push_to_hub()
+
+__version__ = "0.1.0"
+
+__all__ = ["AdapterFormatError", "QOFTConfig", "QOFTModel", "UnsupportedLayerError", "__version__"]

@@ -1,0 +1,171 @@
+"""The QOFT tuner layer: rotates a base layer's input by a block-diagonal orthogonal matrix.
+
+One class serves every supported base (float or quantized Linear, Conv2d): the rotation acts on the input, so
+the base layer's own forward runs unchanged, and only merging needs to touch the weight (through
+:mod:`peft_quant.quant_formats`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..quant_formats import describe, dequantized_weight, quantization_backend, store_weight
+from .config import QOFTConfig
+from .rotation import cayley_neumann, num_packed, rotate
+
+logger = logging.getLogger(__name__)
+
+
+class QOFTLayer(nn.Module, BaseTunerLayer):
+    """Wraps a base layer; ``forward(x) = base_layer(x R)`` for each active adapter's rotation ``R``.
+
+    Per adapter it holds ``qoft_Q[name]``: ``(blocks, b(b-1)/2)`` packed skew parameters (one block when shared).
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("qoft_Q",)
+    other_param_names: tuple[str, ...] = ("qoft_block_size", "qoft_num_terms", "qoft_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QOFTConfig, layer_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.base_format = describe(self.get_base_layer())
+        self.quantization_backend = quantization_backend(self.get_base_layer())
+        self.qoft_Q = nn.ParameterDict()
+        self.qoft_block_size: dict[str, int] = {}
+        self.qoft_num_terms: dict[str, int] = {}
+        self.qoft_dropout: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self.requantization_error: dict[str, float] = {}
+        self.in_features = self.base_format.in_features
+        self.out_features = self.base_format.out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_name)
+
+    def update_layer(self, adapter_name: str, config: QOFTConfig, layer_name: str = "") -> None:
+        """Create adapter ``adapter_name``'s rotation parameters (identity unless ``init_weights=False``)."""
+        width = self.in_features
+        where = f"layer {layer_name!r}" if layer_name else "this layer"
+        if config.block_size is not None:
+            block = config.block_size
+            if width % block:
+                raise ValueError(
+                    f"QOFT block_size={block} does not divide the input width {width} of {where} "
+                    f"({self.base_format.label}). Fix: choose a block_size that divides {width}, use num_blocks, or "
+                    "exclude this layer from target_modules."
+                )
+        else:
+            if width % config.num_blocks:
+                raise ValueError(
+                    f"QOFT num_blocks={config.num_blocks} does not divide the input width {width} of {where}. "
+                    f"Fix: choose num_blocks dividing {width}, or set block_size."
+                )
+            block = width // config.num_blocks
+            if block < 2:
+                raise ValueError(f"QOFT num_blocks={config.num_blocks} leaves blocks of width 1 in {where}.")
+        blocks = 1 if config.block_share else width // block
+        weight = self.get_base_layer().weight
+        device = weight.device if weight.device.type != "meta" else None
+        packed = torch.zeros(blocks, num_packed(block), device=device, dtype=torch.float32)
+        if not config.init_weights:
+            packed.normal_(0.0, 0.1 / block**0.5)
+        self.qoft_Q[adapter_name] = nn.Parameter(packed)
+        self.qoft_block_size[adapter_name] = block
+        self.qoft_num_terms[adapter_name] = config.num_neumann_terms
+        self.qoft_dropout[adapter_name] = config.module_dropout
+        self.set_adapter(self.active_adapters)
+
+    def rotation(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's rotation blocks ``(blocks, b, b)`` (one block when shared)."""
+        return cayley_neumann(
+            self.qoft_Q[adapter_name], self.qoft_block_size[adapter_name], self.qoft_num_terms[adapter_name]
+        )
+
+    def _training_blocks(self, adapter_name: str) -> torch.Tensor:
+        """Rotation blocks for a forward; in training, each block is the identity with probability ``p``."""
+        blocks = self.rotation(adapter_name)
+        p = self.qoft_dropout[adapter_name]
+        if not (self.training and p > 0):
+            return blocks
+        count = self.in_features // blocks.shape[-1]
+        blocks = blocks.expand(count, -1, -1)
+        keep = torch.rand(count, 1, 1, device=blocks.device) >= p
+        eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+        return torch.where(keep, blocks, eye)
+
+    @property
+    def _channel_dim(self) -> int:
+        return -3 if self.base_format.layer_type == "conv2d" else -1
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if not self.merged:
+            for name in self.active_adapters:
+                if name in self.qoft_Q:
+                    blocks = self._training_blocks(name)
+                    x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
+        return self.base_layer(x, *args, **kwargs)
+
+    # ---- merging -------------------------------------------------------------------------------------------------
+
+    def _full_blocks(self, adapter_name: str) -> torch.Tensor:
+        blocks = self.rotation(adapter_name).detach().to(torch.float64)
+        return blocks.expand(self.in_features // blocks.shape[-1], -1, -1)
+
+    def _apply_to_weight(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """``weight`` with every input-channel block ``w_j`` replaced by ``w_j @ blocks_j``, in float64."""
+        base = self.get_base_layer()
+        if self.base_format.layer_type == "conv2d" and base.groups != 1:
+            raise ValueError(
+                f"Merging QOFT into a grouped Conv2d (groups={base.groups}) is not supported: a rotation mixes "
+                "channels of different groups. Keep the adapter unmerged (its forward is exact)."
+            )
+        return rotate(weight.to(torch.float64), blocks, dim=1)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold rotations into the base weight: ``W ← W Rᵀ``; re-quantizes quantized bases in their own format.
+
+        Several adapters are folded so that the merged layer equals the unmerged forward (which rotates the
+        input by each active adapter in turn). For quantized bases the relative re-quantization error is kept
+        in ``self.requantization_error[adapter]``.
+        """
+        names = check_adapters_to_merge(self, adapter_names)
+        for name in reversed(names):
+            if name not in self.qoft_Q:
+                continue
+            weight = dequantized_weight(self)
+            merged = self._apply_to_weight(weight, self._full_blocks(name).transpose(-1, -2))
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or Infs in the merged weight of adapter {name!r}; the adapter seems broken.")
+            self.requantization_error[name] = store_weight(self, merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo merges (last merged first) with the exact inverse of each rotation, not its transpose: the
+        Neumann-truncated ``R`` is orthogonal only up to the truncation."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.qoft_Q:
+                continue
+            inverse = torch.linalg.inv(self._full_blocks(name)).transpose(-1, -2)
+            store_weight(self, self._apply_to_weight(dequantized_weight(self), inverse))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The full block-diagonal ``Rᵀ`` (``in × in``) this adapter multiplies the weight by on merge."""
+        return torch.block_diag(*self._full_blocks(adapter_name).transpose(-1, -2))
+
+    def __repr__(self) -> str:
+        return "qoft." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_format.label!r}"

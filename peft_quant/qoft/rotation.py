@@ -1,0 +1,64 @@
+"""QOFT's math in plain PyTorch: block rotations from packed skew parameters, and applying them to inputs.
+
+Format version 1 (``QOFTConfig.FORMAT_VERSION``) fixes these definitions; changing any of them changes what a
+saved adapter means and must bump that version.
+
+* Parameters: per block, the ``b(b-1)/2`` entries strictly above the diagonal of a skew-symmetric ``Q``
+  (row-major order of ``torch.triu_indices(b, b, 1)``), so ``Q = U - Uᵀ``.
+* Rotation: the Cayley transform ``R = (I + Q)(I - Q)⁻¹`` with the inverse replaced by a truncated Neumann
+  series. With ``k = num_neumann_terms`` terms in ``R``'s polynomial,
+  ``R = (I + Q) · Σ_{i=0}^{k-2} Qⁱ = I + 2Q + ... + 2Q^{k-2} + Q^{k-1}`` (equal to peft ≥ 0.18's OFT for k ≥ 4).
+* Application: an input row ``x`` split into blocks ``x_j`` becomes ``x_j R_j`` (column form: ``Rᵀx``), so a
+  linear layer computes ``W Rᵀ x``; merging writes ``W Rᵀ`` into the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_packed(block_size: int) -> int:
+    """Number of parameters of one ``block_size × block_size`` skew-symmetric block."""
+    return block_size * (block_size - 1) // 2
+
+
+def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(n, b(b-1)/2)`` packed upper triangles → ``(n, b, b)`` skew-symmetric matrices."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    upper = packed.new_zeros(packed.shape[0], block_size, block_size)
+    upper[:, rows, cols] = packed
+    return upper - upper.transpose(-1, -2)
+
+
+def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> torch.Tensor:
+    """Rotation blocks ``(n, b, b)`` from packed parameters ``(n, b(b-1)/2)``; identity when ``packed == 0``."""
+    q = skew_symmetric(packed, block_size)
+    eye = torch.eye(block_size, dtype=q.dtype, device=q.device).expand_as(q)
+    series = eye  # Σ_{i=0}^{k-2} Qⁱ by Horner: S ← I + Q S
+    for _ in range(num_terms - 2):
+        series = eye + q @ series
+    return series + q @ series
+
+
+def cayley_exact(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The exact Cayley transform ``(I + Q)(I - Q)⁻¹`` (a reference for tests and for truncation bounds)."""
+    q = skew_symmetric(packed, block_size)
+    eye = torch.eye(block_size, dtype=q.dtype, device=q.device).expand_as(q)
+    # X (I - Q) = (I + Q)  ⇔  (I - Q)ᵀ Xᵀ = (I + Q)ᵀ
+    return torch.linalg.solve((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2)).transpose(-1, -2)
+
+
+def rotate(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Apply block-diagonal ``diag(R_1..R_n)`` to ``x`` along ``dim``: each block ``x_j`` becomes ``x_j R_j``.
+
+    ``blocks`` is ``(n, b, b)``; ``n == 1`` shares one block across the whole width.
+    """
+    moved = x.movedim(dim, -1)
+    width = moved.shape[-1]
+    b = blocks.shape[-1]
+    if blocks.shape[0] == 1:
+        out = (moved.reshape(-1, b) @ blocks[0]).reshape(moved.shape)  # (tokens·n, b)
+    else:
+        xb = moved.reshape(-1, width // b, b).transpose(0, 1)  # (n, tokens, b)
+        out = torch.bmm(xb, blocks).transpose(0, 1).reshape(moved.shape)
+    return out.movedim(-1, dim)
