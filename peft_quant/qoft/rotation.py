@@ -61,4 +61,6 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor, dim: int = -1) -> torch.Tensor
     else:
         xb = moved.reshape(-1, width // b, b).transpose(0, 1)  # (n, tokens, b)
         out = torch.bmm(xb, blocks).transpose(0, 1).reshape(moved.shape)
-    return out.movedim(-1, dim)
+    if dim in (-1, x.dim() - 1):
+        return out
+    return out.movedim(-1, dim).contiguous()  # the base layer's kernel then sees the layout it was given
