@@ -7,6 +7,10 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# gptqmodel: it refuses to quantize with fewer than 2 CPU workers (it asks for half the cores); its C++ packer
+# costs a ~20 s compile, the pure-Python one ~1 s on the tiny model.
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 import pytest  # noqa: E402
@@ -63,3 +67,47 @@ def randomize_adapter(model, std: float = 0.05, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "qoft_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tmp_path_factory) -> str:
+    """The tiny Llama GPTQ-quantized to 4 bits (group size 32) with gptqmodel's own API, on CPU, in ~1 s."""
+    pytest.importorskip("gptqmodel", reason="GPTQ tests need the [gptq] extra")
+    import gptqmodel.looper.loop_processor as loop_processor
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    float_dir = tmp_path_factory.mktemp("tiny_llama_for_gptq")
+    loop_processor._PROJECT_LOG_DIR = float_dir / "logs"  # it would write ./logs/ into the working directory
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, tie_word_embeddings=False)).save_pretrained(float_dir)
+    words = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(256)}, unk_token="<0>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # gptqmodel's loader insists on a tokenizer
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<0>", pad_token="<1>", eos_token="<3>").save_pretrained(
+        float_dir
+    )
+    model = GPTQModel.load(
+        str(float_dir), QuantizeConfig(bits=4, group_size=32, desc_act=False, sym=True, offload_to_disk=False),
+        device="cpu", dtype=torch.float32,
+    )
+    g = torch.Generator().manual_seed(0)
+    model.quantize([{"input_ids": torch.randint(0, 256, (32,), generator=g).tolist(), "attention_mask": [1] * 32}
+                    for _ in range(8)], batch_size=1)
+    path = tmp_path_factory.mktemp("tiny_gptq")
+    model.save(str(path))
+    return str(path)
+
+
+def load_gptq(path: str, backend: str = "gptq_torch"):
+    """Load a GPTQ checkpoint through transformers' GPTQ integration (gptqmodel), in float32 on CPU."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=GPTQConfig(bits=4, backend=backend)
+    )
+    for module in model.modules():
+        # gptqmodel wraps dequantize_weight in torch.compile per instance: ~15 s of codegen at the first CPU
+        # forward, for a 64-wide layer. The eager method computes the same.
+        module.__dict__.pop("dequantize_weight", None)
+    return model

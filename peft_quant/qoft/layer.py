@@ -68,8 +68,10 @@ class QOFTLayer(nn.Module, BaseTunerLayer):
             if block < 2:
                 raise ValueError(f"QOFT num_blocks={config.num_blocks} leaves blocks of width 1 in {where}.")
         blocks = 1 if config.block_share else width // block
-        weight = self.get_base_layer().weight
-        device = weight.device if weight.device.type != "meta" else None
+        base = self.get_base_layer()
+        tensor = next(iter(base.parameters()), None)
+        tensor = tensor if tensor is not None else next(iter(base.buffers()), None)  # GPTQ layers hold buffers only
+        device = tensor.device if tensor is not None and tensor.device.type != "meta" else None
         packed = torch.zeros(blocks, num_packed(block), device=device, dtype=torch.float32)
         if not config.init_weights:
             packed.normal_(0.0, 0.1 / block**0.5)
@@ -106,12 +108,22 @@ class QOFTLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if not self.merged:
-            for name in self.active_adapters:
-                if name in self.qoft_Q:
-                    blocks = self._training_blocks(name)
-                    x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
-        return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.qoft_Q:
+                blocks = self._training_blocks(name)
+                x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        if x.requires_grad and not out.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"The base layer ({self.base_format.label}, {type(self.get_base_layer()).__name__}) returned an "
+                "output without gradient for an input that needs one, so QOFT's rotation would silently get no "
+                "gradient. gptqmodel's default CPU kernel (TorchAtenLinear) switches to a no-grad kernel for good "
+                "when its first forward runs in eval mode without gradients. Fix: load the GPTQ model with "
+                "GPTQConfig(bits=..., backend=\"gptq_torch\"), or run the first forward in training mode."
+            )
+        return out
 
     # ---- merging -------------------------------------------------------------------------------------------------
 

@@ -43,6 +43,14 @@ class QOFTModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """On unload, put the original base layer back as is. (PEFT's version re-assigns its ``weight``, which
+        gptqmodel's layers forbid: their ``weight`` is a read-only property.)"""
+        if isinstance(child, QOFTLayer) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _qoft_layers(self) -> dict[str, QOFTLayer]:
         return {name: module for name, module in self.model.named_modules() if isinstance(module, QOFTLayer)}
 

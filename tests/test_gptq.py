@@ -1,0 +1,69 @@
+"""QOFT on GPTQ layers loaded through transformers' GPTQ integration (gptqmodel): forward, backward, artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_quant import QOFTConfig
+from peft_quant.qoft.rotation import cayley_neumann, rotate
+
+from .conftest import load_gptq, randomize_adapter
+
+pytest.importorskip("gptqmodel", reason="GPTQ tests need the [gptq] extra")
+
+
+def _wrapped(tiny_gptq_dir, backend="gptq_torch"):
+    model = get_peft_model(load_gptq(tiny_gptq_dir, backend), QOFTConfig(target_modules=["down_proj"], block_size=32))
+    randomize_adapter(model)
+    return model
+
+
+def test_forward_backward_against_dequantized_float64(tiny_gptq_dir):
+    model = _wrapped(tiny_gptq_dir)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    assert layer.base_format.backend == "gptq" and layer.base_format.label == "gptq int4 (group size 32)"
+    weight = layer.get_base_layer().dequantize_weight().double()  # (in, out)
+    packed = layer.qoft_Q["default"]
+    x = torch.randn(3, 128, requires_grad=True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    ref_packed = packed.detach().double().requires_grad_()
+    ref = rotate(x.detach().double(), cayley_neumann(ref_packed, 32, 5)) @ weight
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed.grad.double(), ref_packed.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_merge_is_refused_with_the_fix(tiny_gptq_dir):
+    model = _wrapped(tiny_gptq_dir)
+    with pytest.raises(ValueError, match=r"cannot merge into these layers.*gptq int4.*Keep the adapter unmerged"):
+        model.merge_and_unload()
+    assert model.unload().model.layers[1].mlp.down_proj.__class__.__name__ == "TorchLinear"
+
+
+def test_save_load_identical_logits(tiny_gptq_dir, tmp_path):
+    model = _wrapped(tiny_gptq_dir)
+    tokens = torch.randint(0, 256, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    assert "gptq int4 (group size 32)" in (tmp_path / "README.md").read_text()
+    reloaded = PeftModel.from_pretrained(load_gptq(tiny_gptq_dir), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, expected)
+
+
+def test_no_grad_kernel_switch_is_caught(tiny_gptq_dir):
+    """gptqmodel's TorchAtenLinear switches to a no-grad kernel for good if its first forward runs in eval mode
+    without gradients; QOFT's rotation would then silently get no gradient. It must raise instead."""
+    model = _wrapped(tiny_gptq_dir, backend="gptq_torch_aten")
+    tokens = torch.randint(0, 256, (1, 8))
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    model.train()
+    with pytest.raises(RuntimeError, match=r'returned an output without gradient.*backend=\\?"gptq_torch\\?"'):
+        model(tokens)
