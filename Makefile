@@ -1,16 +1,17 @@
 # Each target sets up its own environment on a fresh machine: a virtualenv in .venv with the CPU build of
-# torch 2.13.0 (the pin belongs to development and CI, not to the package) and peft-quant with all extras.
+# torch 2.13.0 and peft-quant with all extras, under .ci/constraints.txt (pins of development and CI, not of
+# the package).
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml .ci/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[bnb,gptq,dev]'
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt torch
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[bnb,gptq,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -56,14 +56,40 @@ def test_save_load_identical_logits(tiny_gptq_dir, tmp_path):
         assert torch.equal(reloaded(tokens).logits, expected)
 
 
-def test_no_grad_kernel_switch_is_caught(tiny_gptq_dir):
-    """gptqmodel's TorchAtenLinear switches to a no-grad kernel for good if its first forward runs in eval mode
-    without gradients; QOFT's rotation would then silently get no gradient. It must raise instead."""
+def _reference_grad(layer, x):
+    """Gradient of ``sum(base(Rᵀx)²)`` w.r.t. the packed rotation, through the dequantized weight in float64."""
+    weight = layer.get_base_layer().dequantize_weight().double()  # (in, out)
+    packed = layer.qoft_Q["default"].detach().double().requires_grad_()
+    (rotate(x.double(), cayley_neumann(packed, 32, 5)) @ weight).pow(2).sum().backward()
+    return packed.grad
+
+
+def test_base_output_without_gradient_raises(tiny_gptq_dir, monkeypatch):
+    """A base kernel that returns an output cut from autograd would leave the rotation without gradient: QOFT must
+    raise, not train nothing."""
+    model = _wrapped(tiny_gptq_dir)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    base = layer.get_base_layer()
+    monkeypatch.setattr(base, "forward", torch.no_grad()(base.forward))
+    with pytest.raises(RuntimeError, match=r'returned an output without gradient.*backend=\\?"gptq_torch\\?"'):
+        layer(torch.randn(2, 128))
+
+
+def test_aten_kernel_after_eval_forward_is_never_silently_wrong(tiny_gptq_dir):
+    """gptqmodel's TorchAtenLinear can switch for good to a no-grad kernel when its first forward runs in eval mode
+    without gradients (whether it does depends on the torch build). Training afterwards must either raise QOFT's
+    error or give the exact gradient, never a silently missing one."""
     model = _wrapped(tiny_gptq_dir, backend="gptq_torch_aten")
-    tokens = torch.randint(0, 256, (1, 8))
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
     model.eval()
     with torch.no_grad():
-        model(tokens)
+        model(torch.randint(0, 256, (1, 8)))
     model.train()
-    with pytest.raises(RuntimeError, match=r'returned an output without gradient.*backend=\\?"gptq_torch\\?"'):
-        model(tokens)
+    x = torch.randn(3, 128)
+    try:
+        layer(x).pow(2).sum().backward()
+    except RuntimeError as error:
+        assert "returned an output without gradient" in str(error)
+        return
+    reference = _reference_grad(layer, x)
+    torch.testing.assert_close(layer.qoft_Q["default"].grad.double(), reference, rtol=1e-3, atol=1e-4)

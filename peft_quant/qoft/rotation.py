@@ -31,13 +31,19 @@ def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> torch.Tensor:
-    """Rotation blocks ``(n, b, b)`` from packed parameters ``(n, b(b-1)/2)``; identity when ``packed == 0``."""
+    """Rotation blocks ``(n, b, b)`` from packed parameters ``(n, b(b-1)/2)``; identity when ``packed == 0``.
+
+    Summed term by term from the powers of ``Q`` into one accumulator, so backward keeps only ``Q … Q^{k-2}``
+    (``k - 2`` blocks of ``b × b``, as PEFT's OFT does), not one partial sum per term as Horner's scheme would.
+    """
     q = skew_symmetric(packed, block_size)
-    eye = torch.eye(block_size, dtype=q.dtype, device=q.device).expand_as(q)
-    series = eye  # Σ_{i=0}^{k-2} Qⁱ by Horner: S ← I + Q S
-    for _ in range(num_terms - 2):
-        series = eye + q @ series
-    return series + q @ series
+    rotation = torch.eye(block_size, dtype=q.dtype, device=q.device).repeat(q.shape[0], 1, 1)
+    power = q
+    for i in range(1, num_terms):
+        if i > 1:
+            power = torch.bmm(power, q)  # Qⁱ
+        rotation.add_(power, alpha=1.0 if i == num_terms - 1 else 2.0)
+    return rotation
 
 
 def cayley_exact(packed: torch.Tensor, block_size: int) -> torch.Tensor:
