@@ -9,12 +9,27 @@ from .registration import check_peft, install_push_to_hub, register
 check_peft()
 
 from .config_base import AdapterFormatError  # noqa: E402
+from .pipelines import load_into_pipeline  # noqa: E402
 from .qoft import QOFTConfig, QOFTModel  # noqa: E402
 from .quant_formats import UnsupportedLayerError  # noqa: E402
+from .quantize import quantize_model  # noqa: E402
+from .timestep_scale import RoutingError, TimestepScaleConfig, TimestepScaleModel  # noqa: E402
 
 register("qoft", QOFTConfig, QOFTModel)
+register("timestep_scale", TimestepScaleConfig, TimestepScaleModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterFormatError", "QOFTConfig", "QOFTModel", "UnsupportedLayerError", "__version__"]
+__all__ = [
+    "AdapterFormatError",
+    "QOFTConfig",
+    "QOFTModel",
+    "RoutingError",
+    "TimestepScaleConfig",
+    "TimestepScaleModel",
+    "UnsupportedLayerError",
+    "__version__",
+    "load_into_pipeline",
+    "quantize_model",
+]

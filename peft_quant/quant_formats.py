@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 SUPPORTED_LAYERS = (
-    "torch.nn.Linear, torch.nn.Conv2d, bitsandbytes Linear4bit (nf4/fp4, with or without double quantization), "
+    "torch.nn.Linear, torch.nn.Conv2d, peft-quant's IntLinear/IntConv2d (peft_quant.quantize_model), bitsandbytes Linear4bit (nf4/fp4, with or without double quantization), "
     "bitsandbytes Linear8bitLt, and gptqmodel's GPTQ linear layers (GPTQ checkpoints loaded by transformers)"
 )
 
@@ -46,7 +46,7 @@ def require(package: str) -> object:
 class BaseFormat:
     """What a base layer is. ``label`` reads like ``"bitsandbytes nf4 (double-quant)"``."""
 
-    backend: str  # "torch", "bitsandbytes" or "gptq"
+    backend: str  # "torch", "peft_quant", "bitsandbytes" or "gptq"
     scheme: str  # dtype name for float layers, else "nf4", "fp4", "int8", "int4"...
     bits: int
     layer_type: str  # "linear" or "conv2d"
@@ -93,6 +93,18 @@ def _gptq_format(layer: nn.Module) -> Optional[BaseFormat]:
     return BaseFormat("gptq", f"int{bits}", bits, "linear", layer.in_features, layer.out_features, False, False, group)
 
 
+def _int_format(layer: nn.Module) -> Optional[BaseFormat]:
+    from .int_quant import IntConv2d, IntLinear
+
+    if isinstance(layer, IntLinear):
+        return BaseFormat("peft_quant", f"int{layer.bits}", layer.bits, "linear", layer.in_features,
+                          layer.out_features, True)
+    if isinstance(layer, IntConv2d):
+        return BaseFormat("peft_quant", f"int{layer.bits}", layer.bits, "conv2d", layer.in_channels,
+                          layer.out_channels, True)
+    return None
+
+
 def _float_format(layer: nn.Module) -> Optional[BaseFormat]:
     weight = getattr(layer, "weight", None)
     if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.is_floating_point():
@@ -108,7 +120,7 @@ def _float_format(layer: nn.Module) -> Optional[BaseFormat]:
 
 def describe(layer: nn.Module) -> BaseFormat:
     """Describe a base layer, or raise :class:`UnsupportedLayerError` listing what is supported."""
-    for probe in (_bnb_format, _gptq_format, _float_format):
+    for probe in (_int_format, _bnb_format, _gptq_format, _float_format):
         found = probe(layer)
         if found is not None:
             return found
@@ -119,8 +131,13 @@ def describe(layer: nn.Module) -> BaseFormat:
 
 
 def quantization_backend(layer: nn.Module):
-    """PEFT's backend object for a quantized layer (``None`` for float layers)."""
+    """PEFT's backend object for a quantized layer (``None`` for float layers and peft-quant's own format)."""
     from peft.utils import resolve_quantization_backend
+
+    from .int_quant import IntQuantized
+
+    if isinstance(layer, IntQuantized):
+        return None
 
     return resolve_quantization_backend(layer)
 
@@ -155,6 +172,11 @@ def dequantized_weight(peft_layer) -> torch.Tensor:
             f"{fmt.label} layers cannot be dequantized for merging. Keep the adapter unmerged (it runs on the "
             "quantized layer as is), or call `unload()` to get the untouched base model back."
         )
+    from .int_quant import IntQuantized
+
+    base = peft_layer.get_base_layer()
+    if isinstance(base, IntQuantized):
+        return base.dequantize()
     return peft_layer.get_base_weight()
 
 
@@ -164,10 +186,50 @@ def store_weight(peft_layer, weight: torch.Tensor) -> float:
     The error is ``||stored - weight||_F / ||weight||_F`` measured after the round trip: zero for float layers
     up to the cast to their dtype, bitsandbytes' rounding for quantized ones.
     """
+    from .int_quant import IntQuantized
+
     base = peft_layer.get_base_layer()
     _unpack_bnb_cpu_layout(base)
-    target_dtype = base.weight.dtype if describe(base).backend == "torch" else torch.float32
-    peft_layer.set_base_weight(weight.to(target_dtype))
-    stored = peft_layer.get_base_weight().to(torch.float64)
+    if isinstance(base, IntQuantized):
+        base.requantize_(weight)
+    else:
+        target_dtype = base.weight.dtype if describe(base).backend == "torch" else torch.float32
+        peft_layer.set_base_weight(weight.to(target_dtype))
+    stored = dequantized_weight(peft_layer).to(torch.float64)
     reference = weight.to(torch.float64)
     return float((stored - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def fold_output_scale(base: nn.Module, factor: torch.Tensor) -> bool:
+    """Multiply each output channel ``o`` of ``base``'s weight by ``factor[o]`` through the format's own scales.
+
+    Exact up to float rounding, and nothing is re-quantized, for: float layers; peft-quant's integer format (the
+    per-channel scale); bitsandbytes ``Linear8bitLt`` (its per-row ``SCB``); bitsandbytes ``Linear4bit`` without
+    double quantization whose quantization blocks each lie inside one row (``in_features`` a multiple of the block
+    size). Returns ``False``, changing nothing, for any other format (the caller re-quantizes instead).
+    """
+    from .int_quant import IntQuantized
+
+    fmt = describe(base)
+    factor = factor.detach()
+    if isinstance(base, IntQuantized):
+        base.scale_output_channels_(factor)
+        return True
+    if fmt.backend == "torch":
+        with torch.no_grad():
+            shape = (-1,) + (1,) * (base.weight.dim() - 1)
+            base.weight.mul_(factor.to(base.weight).view(shape))
+        return True
+    if fmt.backend != "bitsandbytes":
+        return False
+    _unpack_bnb_cpu_layout(base)
+    if fmt.scheme == "int8":
+        scb = base.weight.SCB  # row-wise absmax: W = CB · SCB / 127
+        scb.mul_(factor.to(scb))
+        return True
+    state = base.weight.quant_state
+    if state.nested or base.in_features % state.blocksize:
+        return False
+    absmax = state.absmax.view(base.out_features, -1)  # (out, blocks per row)
+    absmax.mul_(factor.to(absmax)[:, None])
+    return True

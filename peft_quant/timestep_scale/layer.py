@@ -1,0 +1,171 @@
+"""The TimestepScale tuner layer: per-sample, per-expert channel scales around an untouched (quantized) layer.
+
+``forward(x) = s_out[k] ⊙ (base(s_in[k] ⊙ x) - b) + b`` with ``k`` each sample's timestep expert, so the base
+layer's own kernel runs on the scaled input and no float copy of its weight is ever made. One class serves
+every base (float, peft-quant int, bitsandbytes, GPTQ; Linear or Conv2d): only merging touches the weight,
+through :mod:`peft_quant.quant_formats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..quant_formats import describe, dequantized_weight, fold_output_scale, store_weight
+from .config import TimestepScaleConfig
+from .routing import RoutingError, TimestepRouter
+
+logger = logging.getLogger(__name__)
+
+
+class TimestepScaleLayer(nn.Module, BaseTunerLayer):
+    """Wraps a base layer. Per adapter: ``ts_scale_in[name]`` ``(K, in)`` and/or ``ts_scale_out[name]`` ``(K, out)``."""
+
+    adapter_layer_names: tuple[str, ...] = ("ts_scale_in", "ts_scale_out")
+    other_param_names: tuple[str, ...] = ("ts_boundaries",)
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: TimestepScaleConfig, router: TimestepRouter
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.base_format = describe(self.get_base_layer())
+        self.router = router
+        self.ts_scale_in = nn.ParameterDict()
+        self.ts_scale_out = nn.ParameterDict()
+        self.ts_boundaries: dict[str, tuple[float, ...]] = {}
+        self.merged_adapters: list[str] = []
+        self.requantization_error: dict[str, float] = {}
+        self.in_features = self.base_format.in_features
+        self.out_features = self.base_format.out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: TimestepScaleConfig) -> None:
+        """Create adapter ``adapter_name``'s scales: ones (identity) unless ``init_weights=False``."""
+        base = self.get_base_layer()
+        tensor = next(iter(base.parameters()), None)
+        tensor = tensor if tensor is not None else next(iter(base.buffers()), None)
+        device = tensor.device if tensor is not None and tensor.device.type != "meta" else None
+        for store, width, enabled in (
+            (self.ts_scale_in, self.in_features, config.train_input_scales),
+            (self.ts_scale_out, self.out_features, config.train_output_scales),
+        ):
+            if not enabled:
+                continue
+            scales = torch.ones(config.num_experts, width, device=device)
+            if not config.init_weights:
+                scales.uniform_(0.5, 1.5)
+            store[adapter_name] = nn.Parameter(scales)
+        self.ts_boundaries[adapter_name] = config.boundaries
+        self.set_adapter(self.active_adapters)
+
+    @property
+    def _channel_dim(self) -> int:
+        return 1 if self.base_format.layer_type == "conv2d" else -1
+
+    def _scales(self, table: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The scales each sample of ``x`` uses, shaped to broadcast along its channel dimension."""
+        index, single = self.router.experts(self.ts_boundaries[name], table.device)
+        if single is not None:
+            scales = table[single]  # (channels,)
+            return scales.view(-1, 1, 1) if self._channel_dim == 1 else scales
+        if x.shape[0] != index.shape[0]:
+            raise RoutingError(
+                f"A TimestepScale layer ({self.base_format.label}) got a batch of {x.shape[0]} while the denoiser's "
+                f"timesteps are for {index.shape[0]} samples, with different experts. Layers that fold samples into "
+                "other dimensions cannot be routed per sample: exclude them from target_modules."
+            )
+        scales = table[index]  # (batch, channels)
+        if self._channel_dim == 1:
+            return scales.view(*scales.shape, *([1] * (x.dim() - 2)))
+        return scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.ts_boundaries]
+        for name in active:
+            if name in self.ts_scale_in:
+                x = x * self._scales(self.ts_scale_in[name], name, x).to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        out_scales = [self._scales(self.ts_scale_out[n], n, out) for n in active if n in self.ts_scale_out]
+        if not out_scales:
+            return out
+        bias = getattr(self.get_base_layer(), "bias", None)
+        bias = None if bias is None else (bias.view(-1, 1, 1) if self._channel_dim == 1 else bias).to(out.dtype)
+        if bias is not None:
+            out = out - bias
+        for scales in out_scales:
+            out = out * scales.to(out.dtype)
+        return out if bias is None else out + bias
+
+    # ---- merging -------------------------------------------------------------------------------------------------
+
+    def _single_expert(self, name: str, table: torch.ParameterDict) -> Optional[torch.Tensor]:
+        if name not in table:
+            return None
+        if table[name].shape[0] != 1:
+            raise ValueError(
+                f"Adapter {name!r} has {table[name].shape[0]} timestep experts, and one merged weight cannot hold "
+                "several: merging would silently pick one expert for every timestep. Keep the adapter unmerged (it "
+                "runs on the quantized layers as they are, swapping scales per step), or train with num_experts=1."
+            )
+        return table[name].detach()[0]
+
+    def _apply_scales(self, s_in: Optional[torch.Tensor], s_out: Optional[torch.Tensor]) -> float:
+        """``W ← diag(s_out) W diag(s_in)`` in the base layer's own format; returns the re-quantization error."""
+        base = self.get_base_layer()
+        error = 0.0
+        if s_in is not None and not torch.equal(s_in, torch.ones_like(s_in)):
+            weight = dequantized_weight(self).to(torch.float64)
+            shape = (1, -1) + (1,) * (weight.dim() - 2)
+            error = store_weight(self, weight * s_in.to(torch.float64).view(shape))
+        if s_out is not None and not fold_output_scale(base, s_out):
+            weight = dequantized_weight(self).to(torch.float64)
+            shape = (-1,) + (1,) * (weight.dim() - 1)
+            error = max(error, store_weight(self, weight * s_out.to(torch.float64).view(shape)))
+        return error
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold single-expert scales into the base layer: output scales into the format's per-channel (or per-row
+        block) scales, exactly; input scales by re-quantization (exact only for float layers), error recorded in
+        ``self.requantization_error[adapter]``."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            s_in, s_out = self._single_expert(name, self.ts_scale_in), self._single_expert(name, self.ts_scale_out)
+            if safe_merge and any(s is not None and not torch.isfinite(s).all() for s in (s_in, s_out)):
+                raise ValueError(f"NaNs or Infs in the scales of adapter {name!r}; the adapter seems broken.")
+            self.requantization_error[name] = self._apply_scales(s_in, s_out)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Divide merged scales back out (last merged first)."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            s_in, s_out = self._single_expert(name, self.ts_scale_in), self._single_expert(name, self.ts_scale_out)
+            self._apply_scales(None if s_in is None else 1 / s_in, None if s_out is None else 1 / s_out)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``(s_out, s_in)`` of a single-expert adapter as the outer product the weight is multiplied by."""
+        s_in = self._single_expert(adapter_name, self.ts_scale_in)
+        s_out = self._single_expert(adapter_name, self.ts_scale_out)
+        s_in = torch.ones(self.in_features) if s_in is None else s_in
+        s_out = torch.ones(self.out_features) if s_out is None else s_out
+        return torch.outer(s_out, s_in)
+
+    def __repr__(self) -> str:
+        return "timestep_scale." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_format.label!r}"

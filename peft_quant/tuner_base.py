@@ -1,0 +1,118 @@
+"""What every peft-quant tuner shares on top of PEFT's ``BaseTuner``: safe unload, guarded merge, card facts, and
+load-time shape checks. Each method's tuner sets ``tuner_layer_cls`` and ``method_name``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .model_card import collect_card_facts
+
+logger = logging.getLogger(__name__)
+
+
+class PeftQuantTuner(BaseTuner):
+    """Base of peft-quant's tuners (not used directly)."""
+
+    method_name: str = ""
+    fit_hint: str = "with the same config"  # how to load an adapter onto the right model, for error messages
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """On unload, put the original base layer back as is. (PEFT's version re-assigns its ``weight``, which
+        gptqmodel's layers forbid: their ``weight`` is a read-only property.)"""
+        if isinstance(child, self.tuner_layer_cls) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _tuner_layers(self) -> dict[str, nn.Module]:
+        return {name: module for name, module in self.model.named_modules() if isinstance(module, self.tuner_layer_cls)}
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        frozen = [f"{name} ({layer.base_format.label})" for name, layer in self._tuner_layers().items()
+                  if not layer.base_format.mergeable]
+        if frozen:
+            raise ValueError(
+                f"{self.method_name} cannot merge into these layers, whose kernels offer no way to re-quantize a "
+                f"changed weight: {', '.join(frozen[:5])}{' ...' if len(frozen) > 5 else ''}. Keep the adapter "
+                f"unmerged ({self.method_name} runs on the quantized layer as is), or `unload()` to get the base "
+                "model back."
+            )
+
+    def _after_unload(self, model: nn.Module) -> None:
+        """Remove whatever the tuner attached to the base model besides its layers (nothing by default)."""
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ):
+        """Merge (recording each layer's re-quantization error), then unload.
+
+        The returned base model carries ``peft_quant_merge_report``: ``{module name: {"base": label,
+        "relative_error": float}}``, the relative Frobenius error re-quantization added to each merged weight.
+        """
+        report = {}
+        if merge:
+            self._check_merge_allowed()
+            for name, layer in self._tuner_layers().items():
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                errors = [layer.requantization_error[a] for a in layer.merged_adapters if a in layer.requantization_error]
+                report[name] = {"base": layer.base_format.label, "relative_error": max(errors, default=0.0)}
+        model = super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        self._after_unload(model)
+        if report:
+            worst = max(report.items(), key=lambda item: item[1]["relative_error"])
+            logger.info(
+                "%s merged %d layers; largest relative re-quantization error %.3g in %s (%s).",
+                self.method_name, len(report), worst[1]["relative_error"], worst[0], worst[1]["base"],
+            )
+            model.peft_quant_merge_report = report
+        return model
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        config._card_facts = collect_card_facts(model, cls.tuner_layer_cls, to_return)
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Refuse, with a clear message, an adapter whose tensors do not fit this model's layers."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        params = dict(model.named_parameters())
+        suffixes = tuple(f".{table}.{adapter_name}" for table in cls.tuner_layer_cls.adapter_layer_names)
+        expected = {key for key in params if key.endswith(suffixes)}
+
+        def lookup(key: str) -> Optional[torch.Tensor]:
+            return params.get(key, params.get(key.removeprefix("base_model.model.")))
+
+        problems = []
+        for key, tensor in remapped.items():
+            if not key.endswith(suffixes):
+                continue
+            target = lookup(key)
+            if target is None:
+                problems.append(f"{key}: no such {cls.method_name} layer in this model")
+            elif target.shape != tensor.shape:
+                problems.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            expected.discard(key)
+            expected.discard(key.removeprefix("base_model.model."))
+        problems += [f"{key}: missing from the adapter file" for key in sorted(expected)]
+        if problems:
+            raise ValueError(
+                f"This {cls.method_name} adapter does not fit the model it is loaded onto (was it trained on another "
+                f"base model, base_model_name_or_path={config.base_model_name_or_path!r}?): "
+                + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+                + f". Fix: load it onto the base model it was trained on, {cls.fit_hint}."
+            )
+        return remapped
