@@ -224,7 +224,8 @@ def fold_output_scale(base: nn.Module, factor: torch.Tensor) -> bool:
         return False
     _unpack_bnb_cpu_layout(base)
     if fmt.scheme == "int8":
-        scb = base.weight.SCB  # row-wise absmax: W = CB · SCB / 127
+        # row-wise absmax, W = CB · SCB / 127; bitsandbytes moves it to the layer's state at the first forward
+        scb = base.weight.SCB if getattr(base.weight, "SCB", None) is not None else base.state.SCB
         scb.mul_(factor.to(scb))
         return True
     state = base.weight.quant_state

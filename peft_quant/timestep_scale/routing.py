@@ -37,7 +37,10 @@ class TimestepRouter:
         self._stack: list[torch.Tensor] = []
         self._index_cache: dict[tuple[int, tuple[float, ...]], tuple[torch.Tensor, Optional[int]]] = {}
         self.last_experts: dict[tuple[float, ...], torch.Tensor] = {}  # boundaries → experts of the last forward
-        self._checkpoint_owners = [m for m in denoiser.modules() if hasattr(m, "_gradient_checkpointing_func")]
+        self._checkpoint_owners = [
+            m for m in denoiser.modules()
+            if hasattr(m, "gradient_checkpointing") or hasattr(m, "_gradient_checkpointing_func")
+        ]
         self._handles = [
             denoiser.register_forward_pre_hook(self._enter, with_kwargs=True),
             denoiser.register_forward_hook(self._exit, always_call=True),
@@ -83,7 +86,7 @@ class TimestepRouter:
             )
         t = t.to(torch.float64).reshape(-1) * self.multiplier
         if batch is not None and t.numel() == 1:
-            t = t.expand(batch)
+            t = t.expand(batch).contiguous()
         low, high = float(t.min()), float(t.max())
         if low < 0 or high > self.num_train_timesteps:
             raise RoutingError(
@@ -95,8 +98,8 @@ class TimestepRouter:
 
     def _wrap_checkpointing(self) -> None:
         for owner in self._checkpoint_owners:
-            func = owner._gradient_checkpointing_func
-            if func is not None and not getattr(func, "_peft_quant_router", None) is self:
+            func = getattr(owner, "_gradient_checkpointing_func", None)
+            if func is not None and getattr(func, "_peft_quant_router", None) is not self:
                 owner._gradient_checkpointing_func = self._replaying(func)
 
     def _replaying(self, checkpoint_func: Callable) -> Callable:
