@@ -62,10 +62,32 @@ def _human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _quantize_line(facts: dict) -> Optional[str]:
+    """The ``quantize_model`` call that rebuilds the base layers, when they were quantized by peft-quant."""
+    formats = [f for f in facts["formats"] if f.backend in ("peft_quant", "bitsandbytes")]
+    if not formats:
+        return None
+    bnb = [f for f in formats if f.backend == "bitsandbytes"]
+    if bnb:
+        extra = f', quant_type="{bnb[0].scheme}"' if bnb[0].bits == 4 else ""
+        extra += ", double_quant=True" if bnb[0].double_quant else ""
+        return f'peft_quant.quantize_model(base, bits={bnb[0].bits}, backend="bitsandbytes"{extra})'
+    return f'peft_quant.quantize_model(base, bits={formats[0].bits}, backend="int")'
+
+
 def _load_base_snippet(facts: dict, base_model: str) -> str:
     cls = facts["model_class"]
-    if not facts["model_module"].startswith("transformers"):
+    module = facts["model_module"]
+    if module.startswith("diffusers"):
+        subfolder = "unet" if "UNet" in cls else "transformer"
+        lines = [f"from diffusers import {cls}", f'base = {cls}.from_pretrained("{base_model}", subfolder="{subfolder}")']
+        quantize = _quantize_line(facts)
+        return "\n".join(lines + ([quantize + "  # the same quantization as for training"] if quantize else []))
+    if not module.startswith("transformers"):
         return f"base = ...  # load the base {cls} '{base_model}' as it was quantized for training"
+    if any(f.backend == "peft_quant" for f in facts["formats"]):
+        return (f"from transformers import {cls}\nbase = {cls}.from_pretrained(\"{base_model}\")\n"
+                f"{_quantize_line(facts)}  # the same quantization as for training")
     quant = ""
     imports = [cls]
     bnb = [f for f in facts["formats"] if f.backend == "bitsandbytes"]
@@ -96,6 +118,7 @@ def render_model_card(config: Any, facts: dict, adapter_id: str, existing: Optio
         "peft-quant": _version("peft-quant"),
         "PEFT": _version("peft"),
         "transformers": _version("transformers"),
+        "diffusers": _version("diffusers") if facts["model_module"].startswith("diffusers") else None,
         "torch": torch.__version__,
     }
     template = string.Template(resources.files("peft_quant.model_cards").joinpath(config.CARD_TEMPLATE).read_text())

@@ -21,6 +21,13 @@ class PeftQuantTuner(BaseTuner):
     method_name: str = ""
     fit_hint: str = "with the same config"  # how to load an adapter onto the right model, for error messages
 
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        """Record the base model's name for diffusers models too (PEFT reads only transformers' ``name_or_path``)."""
+        super()._prepare_model(peft_config, model)
+        if peft_config.base_model_name_or_path is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            peft_config.base_model_name_or_path = name or None
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """On unload, put the original base layer back as is. (PEFT's version re-assigns its ``weight``, which
         gptqmodel's layers forbid: their ``weight`` is a read-only property.)"""

@@ -24,7 +24,7 @@ class TimestepScaleConfig(PeftQuantConfig):
 
     FORMAT_VERSION: ClassVar[int] = 1
     CARD_SETTINGS: ClassVar[tuple[str, ...]] = (
-        "num_experts", "boundaries", "num_train_timesteps", "train_input_scales", "train_output_scales",
+        "num_experts", "expert_boundaries", "num_train_timesteps", "train_input_scales", "train_output_scales",
         "timestep_argument", "timestep_multiplier", "modules_to_save",
     )
     METHOD_SUMMARY: ClassVar[str] = (

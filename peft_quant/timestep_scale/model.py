@@ -36,6 +36,7 @@ class TimestepScaleModel(PeftQuantTuner):
 
     def _prepare_model(self, peft_config: TimestepScaleConfig, model: nn.Module) -> None:
         """Attach the router (once per denoiser) and resolve the default targets."""
+        super()._prepare_model(peft_config, model)
         multiplier = peft_config.timestep_multiplier or _default_multiplier(model)
         router = getattr(model, ROUTER_ATTRIBUTE, None)
         if router is None:
