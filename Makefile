@@ -21,4 +21,4 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/qoft.py
+	for script in bench/*.py; do HF_HUB_OFFLINE=1 $(VENV)/bin/python $$script || exit 1; done
