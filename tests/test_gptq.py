@@ -93,3 +93,35 @@ def test_aten_kernel_after_eval_forward_is_never_silently_wrong(tiny_gptq_dir):
         return
     reference = _reference_grad(layer, x)
     torch.testing.assert_close(layer.qoft_Q["default"].grad.double(), reference, rtol=1e-3, atol=1e-4)
+
+
+def test_timestep_scale_on_a_gptq_layer(tiny_gptq_dir):
+    """TimestepScale only touches a layer's input and output, so a GPTQ layer works as is: forward and gradients
+    against the dequantized weight in float64; merging is refused."""
+    from torch import nn
+
+    from peft_quant import TimestepScaleConfig
+
+    class Denoiser(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, sample, timestep):
+            return self.layer(sample)
+
+    base = load_gptq(tiny_gptq_dir).model.layers[1].mlp.down_proj
+    model = get_peft_model(Denoiser(base), TimestepScaleConfig(init_weights=False))
+    layer = model.base_model.model.layer
+    x, t = torch.randn(2, 3, 128), torch.tensor([100, 900])  # experts 0 and 1
+    model(x, t).pow(2).sum().backward()
+    s_in = layer.ts_scale_in["default"].detach().double().requires_grad_()
+    s_out = layer.ts_scale_out["default"].detach().double().requires_grad_()
+    k = torch.tensor([0, 1])
+    weight = base.dequantize_weight().double()  # (in, out)
+    reference = s_out[k].view(2, 1, -1) * ((x.double() * s_in[k].view(2, 1, -1)) @ weight)
+    reference.pow(2).sum().backward()
+    torch.testing.assert_close(layer.ts_scale_in["default"].grad.double(), s_in.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(layer.ts_scale_out["default"].grad.double(), s_out.grad, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot merge into these layers.*gptq int4"):
+        model.merge_and_unload()
