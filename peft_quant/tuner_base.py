@@ -4,15 +4,28 @@ load-time shape checks. Each method's tuner sets ``tuner_layer_cls`` and ``metho
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .model_card import collect_card_facts
+from .quant_formats import UnsupportedLayerError
 
 logger = logging.getLogger(__name__)
+
+
+class PeftQuantLayer(BaseTunerLayer):
+    """Base of peft-quant's tuner layers: what a forward does when no adapter applies."""
+
+    def _inactive_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
+        """The base layer's output when adapters are disabled (unmerging first) or merged; ``None`` otherwise."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return None
 
 
 class PeftQuantTuner(BaseTuner):
@@ -20,6 +33,31 @@ class PeftQuantTuner(BaseTuner):
 
     method_name: str = ""
     fit_hint: str = "with the same config"  # how to load an adapter onto the right model, for error messages
+
+    def _layer_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the method's layer constructor (none by default)."""
+        return {}
+
+    def _create_and_replace(
+        self,
+        config,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        try:
+            new_module = self.tuner_layer_cls(target, adapter_name, config, current_key, **self._layer_kwargs())
+        except UnsupportedLayerError as error:
+            raise UnsupportedLayerError(f"{current_key}: {error}") from None
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
+        self._replace_module(parent, target_name, new_module, target)
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         """Record the base model's name for diffusers models too (PEFT reads only transformers' ``name_or_path``)."""

@@ -11,17 +11,18 @@ import logging
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..quant_formats import describe, dequantized_weight, quantization_backend, store_weight
+from ..tuner_base import PeftQuantLayer
 from .config import QOFTConfig
 from .rotation import cayley_neumann, num_packed, rotate
 
 logger = logging.getLogger(__name__)
 
 
-class QOFTLayer(nn.Module, BaseTunerLayer):
+class QOFTLayer(nn.Module, PeftQuantLayer):
     """Wraps a base layer; ``forward(x) = base_layer(x R)`` for each active adapter's rotation ``R``.
 
     Per adapter it holds ``qoft_Q[name]``: ``(blocks, b(b-1)/2)`` packed skew parameters (one block when shared).
@@ -104,12 +105,9 @@ class QOFTLayer(nn.Module, BaseTunerLayer):
         return -3 if self.base_format.layer_type == "conv2d" else -1
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        inactive = self._inactive_forward(x, *args, **kwargs)
+        if inactive is not None:
+            return inactive
         for name in self.active_adapters:
             if name in self.qoft_Q:
                 blocks = self._training_blocks(name)

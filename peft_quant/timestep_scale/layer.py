@@ -12,24 +12,31 @@ import logging
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..quant_formats import describe, dequantized_weight, fold_output_scale, store_weight
+from ..tuner_base import PeftQuantLayer
 from .config import TimestepScaleConfig
 from .routing import RoutingError, TimestepRouter
 
 logger = logging.getLogger(__name__)
 
 
-class TimestepScaleLayer(nn.Module, BaseTunerLayer):
+class TimestepScaleLayer(nn.Module, PeftQuantLayer):
     """Wraps a base layer. Per adapter: ``ts_scale_in[name]`` ``(K, in)`` and/or ``ts_scale_out[name]`` ``(K, out)``."""
 
     adapter_layer_names: tuple[str, ...] = ("ts_scale_in", "ts_scale_out")
     other_param_names: tuple[str, ...] = ("ts_boundaries",)
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: TimestepScaleConfig, router: TimestepRouter
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: TimestepScaleConfig,
+        layer_name: str = "",
+        *,
+        router: TimestepRouter,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -43,9 +50,9 @@ class TimestepScaleLayer(nn.Module, BaseTunerLayer):
         self.in_features = self.base_format.in_features
         self.out_features = self.base_format.out_features
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, layer_name)
 
-    def update_layer(self, adapter_name: str, config: TimestepScaleConfig) -> None:
+    def update_layer(self, adapter_name: str, config: TimestepScaleConfig, layer_name: str = "") -> None:
         """Create adapter ``adapter_name``'s scales: ones (identity) unless ``init_weights=False``."""
         base = self.get_base_layer()
         tensor = next(iter(base.parameters()), None)
@@ -86,12 +93,9 @@ class TimestepScaleLayer(nn.Module, BaseTunerLayer):
         return scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        inactive = self._inactive_forward(x, *args, **kwargs)
+        if inactive is not None:
+            return inactive
         active = [name for name in self.active_adapters if name in self.ts_boundaries]
         for name in active:
             if name in self.ts_scale_in:

@@ -59,26 +59,8 @@ class TimestepScaleModel(PeftQuantTuner):
                     "target_modules explicitly."
                 )
 
-    def _create_and_replace(
-        self,
-        config: TimestepScaleConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs,
-    ) -> None:
-        if isinstance(target, TimestepScaleLayer):
-            target.update_layer(adapter_name, config)
-            return
-        try:
-            new_module = TimestepScaleLayer(target, adapter_name, config, getattr(self.model, ROUTER_ATTRIBUTE))
-        except UnsupportedLayerError as error:
-            raise UnsupportedLayerError(f"{current_key}: {error}") from None
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _layer_kwargs(self) -> dict:
+        return {"router": getattr(self.model, ROUTER_ATTRIBUTE)}
 
     def _after_unload(self, model: nn.Module) -> None:
         router = model.__dict__.pop(ROUTER_ATTRIBUTE, None)
