@@ -30,6 +30,12 @@ def _matches(name: str, pattern: Names) -> bool:
 def _bnb_linear(linear: nn.Linear, bits: int, quant_type: str, double_quant: bool, compute_dtype) -> nn.Module:
     bnb = require("bitsandbytes")
     weight = linear.weight.detach().clone()
+    if bits == 4 and weight.device.type == "cpu" and linear.in_features % 64:
+        raise ValueError(
+            f"A Linear layer of input width {linear.in_features} cannot be quantized to bitsandbytes 4-bit on CPU: "
+            "bitsandbytes' CPU inference kernel fails for widths that are not a multiple of 64. Fix: "
+            "backend='int', exclude such layers with exclude_modules=[...], or quantize on a GPU."
+        )
     if bits == 4:
         layer = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=linear.bias is not None,

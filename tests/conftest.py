@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -111,3 +113,27 @@ def load_gptq(path: str, backend: str = "gptq_torch"):
         # forward, for a 64-wide layer. The eager method computes the same.
         module.__dict__.pop("dequantize_weight", None)
     return model
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's byte-level alphabet: each of the 256 bytes as a printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def write_clip_tokenizer(folder: Path) -> str:
+    """vocab.json + merges.txt of a tiny CLIP BPE written offline (every byte alone and word-final, the special
+    tokens, and merges that make "cat", "and", "dog" single tokens); returns the folder for ``from_pretrained``."""
+    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("a", "n"), ("an", "d</w>")]
+    alphabet = _byte_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet), *map("".join, merges)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
+    return str(folder)

@@ -119,5 +119,8 @@ def test_quantize_model_bad_inputs():
         quantize_model(nn.Sequential(nn.Linear(4, 4)), backend="gguf")
     with pytest.raises(ValueError, match="found no nn.Linear or nn.Conv2d.*target_modules"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), target_modules=["nothing"])
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match="width 32 cannot be quantized to bitsandbytes 4-bit on CPU.*backend='int'"):
+        quantize_model(nn.Sequential(nn.Linear(32, 128)), bits=4, backend="bitsandbytes")
     with pytest.raises(ValueError, match="zero padding only"):
         IntConv2d(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), 4)

@@ -131,6 +131,7 @@ def test_explicit_boundaries_and_positional_or_keyword_timestep():
     assert model.base_model.model._peft_quant_timestep_router.last_experts[(200.0, 300.0)].tolist() == [0, 1, 1, 2]
 
 
+@pytest.mark.diffusers
 def test_classifier_free_guidance_doubled_batch_in_a_real_unet():
     """diffusers' UNet with CFG's doubled batch (timestep expanded to the batch): outputs of each half equal a
     separate call, and every sample uses its own expert."""
@@ -147,6 +148,7 @@ def test_classifier_free_guidance_doubled_batch_in_a_real_unet():
 
 
 def _tiny_unet():
+    pytest.importorskip("diffusers", reason="needs the [diffusers] extra")
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -157,11 +159,11 @@ def _tiny_unet():
     )
 
 
+@pytest.mark.diffusers
 @pytest.mark.parametrize("enable_after_wrapping", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(enable_after_wrapping):
     """diffusers replays checkpointed blocks in backward, after the denoiser forward has returned (PEFT issue
     2826): the replay must route to the same experts, or gradients silently change."""
-    pytest.importorskip("diffusers")
     grads = []
     for checkpointing in (False, True):
         unet = _tiny_unet()
@@ -184,6 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(enable_after_wrapping):
         assert plain[name].abs().sum() > 0, name
 
 
+@pytest.mark.diffusers
 def test_default_targets_every_linear_and_conv_and_second_adapter():
     unet = _tiny_unet()
     quantize_model(unet, bits=4)
@@ -304,3 +307,15 @@ def test_unload_detaches_the_router():
     assert not hasattr(plain, "_peft_quant_timestep_router")
     assert not plain._forward_pre_hooks and not plain._forward_hooks
     torch.testing.assert_close(plain(x, 5), base(x))
+
+
+def test_adapters_must_agree_on_how_to_read_the_timestep():
+    base, x = _base("linear")
+    model = get_peft_model(_Single(base), TimestepScaleConfig())
+    with pytest.raises(ValueError, match="must read the timestep the same way.*\\['default'\\]"):
+        model.add_adapter("fraction", TimestepScaleConfig(timestep_multiplier=1000))
+    model.base_model.delete_adapter("default")
+    model.add_adapter("fraction", TimestepScaleConfig(timestep_multiplier=1000))  # no other adapter left: allowed
+    model.set_adapter("fraction")
+    model(x, torch.tensor([0.1, 0.2, 0.7, 0.9]))
+    assert model.base_model.model._peft_quant_timestep_router.last_experts[(500.0,)].tolist() == [0, 0, 1, 1]

@@ -187,8 +187,17 @@ def trained(text_llama_dir, tokenizer, sentences, tmp_path_factory):
     model = _qoft_nf4(text_llama_dir)
     loss_before = _mean_loss(model, blocks)
     trainer = Trainer(model=model, args=_training_args(output_dir), train_dataset=_BlockDataset(blocks))
+    first_batch = []  # the input ids of the first training step, as the Trainer drew them
+
+    def record(module, args, kwargs):
+        if module.training and not first_batch:
+            first_batch.append(kwargs["input_ids"].detach().clone())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
+    handle.remove()
     return SimpleNamespace(
+        first_batch=first_batch[0],
         model=model,
         trainer=trainer,
         blocks=blocks,
@@ -222,14 +231,9 @@ def test_trainer_lowers_the_loss(trained):
 
 
 def _mean_loss_of_first_batch(trained) -> float:
-    """The loss the Trainer logged at step 1, recomputed from the untrained adapter on the batch it drew."""
-    from transformers import Trainer
-
+    """The loss the Trainer logged at step 1, recomputed from a fresh untrained adapter on the batch it drew."""
     fresh = _qoft_nf4(trained.model.peft_config["default"].base_model_name_or_path)
-    trainer = Trainer(model=fresh, args=_training_args(trained.output_dir + "-probe"),
-                      train_dataset=_BlockDataset(trained.blocks))
-    batch = next(iter(trainer.get_train_dataloader()))
-    return _mean_loss(fresh, batch["input_ids"])
+    return _mean_loss(fresh, trained.first_batch)
 
 
 def test_checkpoints_are_ordinary_peft_directories(trained):

@@ -13,8 +13,9 @@ from .layer import TimestepScaleLayer
 from .routing import TimestepRouter
 
 ROUTER_ATTRIBUTE = "_peft_quant_timestep_router"
-# Denoisers whose timestep argument is a fraction of the training range (the pipeline divides by 1000).
-_FRACTIONAL_TIMESTEPS = ("Flux",)
+# Denoisers whose pipelines pass the timestep as a fraction of the training range (t / 1000), by class-name prefix
+# (diffusers 0.42). Others that transform it differently (Lumina2: 1 - t/1000) need an explicit setting.
+_FRACTIONAL_TIMESTEPS = ("Flux", "QwenImage", "Chroma", "AuraFlow", "OvisImage", "LongCatImage")
 
 
 def _default_multiplier(model: nn.Module) -> float:
@@ -38,19 +39,19 @@ class TimestepScaleModel(PeftQuantTuner):
         """Attach the router (once per denoiser) and resolve the default targets."""
         super()._prepare_model(peft_config, model)
         multiplier = peft_config.timestep_multiplier or _default_multiplier(model)
+        reading = (peft_config.timestep_argument, multiplier, float(peft_config.num_train_timesteps))
         router = getattr(model, ROUTER_ATTRIBUTE, None)
         if router is None:
-            router = TimestepRouter(
-                model, peft_config.timestep_argument, multiplier, float(peft_config.num_train_timesteps)
-            )
-            object.__setattr__(model, ROUTER_ATTRIBUTE, router)
-        elif (router.argument, router.multiplier, router.num_train_timesteps) != (
-            peft_config.timestep_argument, multiplier, float(peft_config.num_train_timesteps)
-        ):
-            raise ValueError(
-                "All TimestepScale adapters on one denoiser must read the timestep the same way (timestep_argument, "
-                "timestep_multiplier, num_train_timesteps); this adapter differs from the first one."
-            )
+            object.__setattr__(model, ROUTER_ATTRIBUTE, TimestepRouter(model, *reading))
+        elif router.reading != reading:
+            others = [n for n, c in self.peft_config.items() if c is not peft_config and isinstance(c, TimestepScaleConfig)]
+            if others:
+                raise ValueError(
+                    "All TimestepScale adapters on one denoiser must read the timestep the same way (timestep_argument, "
+                    f"timestep_multiplier, num_train_timesteps): this adapter reads {reading}, adapter(s) {others} read "
+                    f"{router.reading}. Fix: give the new adapter the same settings, or delete the others first."
+                )
+            router.configure(model, *reading)  # the adapters that set it up are gone
         if peft_config.target_modules is None:
             peft_config.target_modules = _default_targets(model)
             if not peft_config.target_modules:

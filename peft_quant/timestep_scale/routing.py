@@ -30,10 +30,7 @@ class TimestepRouter:
     """Holds the per-sample timesteps of the denoiser forward in progress (a stack, for replays inside it)."""
 
     def __init__(self, denoiser: nn.Module, argument: str, multiplier: float, num_train_timesteps: float) -> None:
-        self.argument = argument
-        self.multiplier = multiplier
-        self.num_train_timesteps = num_train_timesteps
-        self.position = _argument_position(denoiser, argument)
+        self.configure(denoiser, argument, multiplier, num_train_timesteps)
         self._stack: list[torch.Tensor] = []
         self._index_cache: dict[tuple[int, tuple[float, ...]], tuple[torch.Tensor, Optional[int]]] = {}
         self.last_experts: dict[tuple[float, ...], torch.Tensor] = {}  # boundaries → experts of the last forward
@@ -45,6 +42,17 @@ class TimestepRouter:
             denoiser.register_forward_pre_hook(self._enter, with_kwargs=True),
             denoiser.register_forward_hook(self._exit, always_call=True),
         ]
+
+    def configure(self, denoiser: nn.Module, argument: str, multiplier: float, num_train_timesteps: float) -> None:
+        """Set how the timestep is read: the forward argument's name, its factor to ``[0, T]``, and ``T``."""
+        self.position = _argument_position(denoiser, argument)
+        self.argument = argument
+        self.multiplier = multiplier
+        self.num_train_timesteps = num_train_timesteps
+
+    @property
+    def reading(self) -> tuple[str, float, float]:
+        return self.argument, self.multiplier, self.num_train_timesteps
 
     def detach(self) -> None:
         """Remove the hooks (on unload)."""
