@@ -12,11 +12,13 @@ from .config_base import AdapterFormatError  # noqa: E402
 from .pipelines import load_into_pipeline  # noqa: E402
 from .qoft import QOFTConfig, QOFTModel  # noqa: E402
 from .quant_formats import UnsupportedLayerError  # noqa: E402
+from .quant_full import QuantFullConfig, QuantFullModel, QuantFullOptimizer  # noqa: E402
 from .quantize import quantize_model  # noqa: E402
 from .timestep_scale import RoutingError, TimestepScaleConfig, TimestepScaleModel  # noqa: E402
 
 register("qoft", QOFTConfig, QOFTModel)
 register("timestep_scale", TimestepScaleConfig, TimestepScaleModel)
+register("quant_full", QuantFullConfig, QuantFullModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
@@ -25,6 +27,9 @@ __all__ = [
     "AdapterFormatError",
     "QOFTConfig",
     "QOFTModel",
+    "QuantFullConfig",
+    "QuantFullModel",
+    "QuantFullOptimizer",
     "RoutingError",
     "TimestepScaleConfig",
     "TimestepScaleModel",

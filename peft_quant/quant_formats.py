@@ -234,3 +234,21 @@ def fold_output_scale(base: nn.Module, factor: torch.Tensor) -> bool:
     absmax = state.absmax.view(base.out_features, -1)  # (out, blocks per row)
     absmax.mul_(factor.to(absmax)[:, None])
     return True
+
+
+def read_weight(layer: nn.Module) -> torch.Tensor:
+    """A copy of any supported base layer's weight in float32, ``(out, in[, kh, kw])`` (GPTQ included: reading is
+    possible even where writing back is not)."""
+    from .int_quant import IntQuantized
+
+    fmt = describe(layer)
+    if isinstance(layer, IntQuantized):
+        return layer.dequantize(torch.float32)
+    if fmt.backend == "torch":
+        return layer.weight.detach().to(torch.float32).clone()
+    if fmt.backend == "gptq":
+        return layer.dequantize_weight().T.to(torch.float32).contiguous()  # gptqmodel gives (in, out)
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    _unpack_bnb_cpu_layout(layer)
+    return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).to(torch.float32)

@@ -187,11 +187,11 @@ def trained(text_llama_dir, tokenizer, sentences, tmp_path_factory):
     model = _qoft_nf4(text_llama_dir)
     loss_before = _mean_loss(model, blocks)
     trainer = Trainer(model=model, args=_training_args(output_dir), train_dataset=_BlockDataset(blocks))
-    first_batch = []  # the input ids of the first training step, as the Trainer drew them
+    first_batch = []  # the inputs of the first training step, as the Trainer passed them
 
     def record(module, args, kwargs):
         if module.training and not first_batch:
-            first_batch.append(kwargs["input_ids"].detach().clone())
+            first_batch.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
@@ -231,9 +231,12 @@ def test_trainer_lowers_the_loss(trained):
 
 
 def _mean_loss_of_first_batch(trained) -> float:
-    """The loss the Trainer logged at step 1, recomputed from a fresh untrained adapter on the batch it drew."""
+    """The loss the Trainer logged at step 1, recomputed from a fresh untrained adapter on the inputs it passed
+    (with them ``num_items_in_batch``, by which some transformers versions normalize the loss)."""
     fresh = _qoft_nf4(trained.model.peft_config["default"].base_model_name_or_path)
-    return _mean_loss(fresh, trained.first_batch)
+    fresh.train()
+    with torch.no_grad():
+        return fresh(**trained.first_batch).loss.item()
 
 
 def test_checkpoints_are_ordinary_peft_directories(trained):
@@ -329,7 +332,8 @@ def test_text_generation_pipeline_runs_with_the_adapter(text_llama_dir, tokenize
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     model.eval()
     by_hand = _greedy_by_hand(model, prompt_ids, 16, tokenizer.eos_token_id)
-    assert text == tokenizer.decode(by_hand[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+    # (transformers before 5.x cut the prompt's text off the full text, keeping a leading space; compare tokens' text)
+    assert text.strip() == tokenizer.decode(by_hand[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
     # and the adapter was active: without it the pipeline writes something else
     with model.disable_adapter():
         plain = generator(PROMPT, return_full_text=False, **settings)[0]["generated_text"]

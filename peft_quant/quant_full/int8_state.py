@@ -1,0 +1,139 @@
+"""QuantFull's int8 training state and its fused Lion step, in plain PyTorch (the reference for any kernel).
+
+Weight: ``W ≈ scale · codes`` with symmetric int8 ``codes ∈ [-127, 127]`` and one float ``scale`` per output channel
+and group of ``group_size`` inputs (``(out, groups)``), except the ``k`` largest-magnitude weights (the outliers),
+which are kept exactly as float values at flat indices (their codes are 0). Lion's momentum: int8 codes with one
+absmax per block of ``block_size`` consecutive values.
+
+Lion (Chen et al. 2023), as QFT uses it: ``c = β1·m + (1−β1)·g``; ``w ← w − lr·(sign(c) + λ·w)``;
+``m ← β2·m + (1−β2)·g``. The new weight is written back to int8 by round-to-nearest or by stochastic rounding
+``floor(v + u)``, ``u ~ U[0, 1)``, which is unbiased, so updates far below one int8 step still move the weight
+in expectation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+QMAX = 127
+
+
+def _grouped(t: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
+    """``(out, in)`` → ``(out, groups, g)`` view (one group per row when ``group_size`` is None)."""
+    out, width = t.shape
+    g = width if group_size is None else group_size
+    return t.reshape(out, width // g, g)
+
+
+def quantize_weight(
+    weight: torch.Tensor, group_size: Optional[int], outlier_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes int8 (out, in), scale fp32 (out, groups), outlier_index int32 (k,), outlier_value fp32 (k,))``."""
+    w = weight.detach().to(torch.float32)
+    k = num_outliers(w.numel(), outlier_fraction)
+    index = torch.topk(w.reshape(-1).abs(), k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
+    value = w.reshape(-1)[index].clone()
+    inliers = w.clone()
+    inliers.view(-1)[index] = 0.0
+    scale = _grouped(inliers, group_size).abs().amax(dim=-1) / QMAX  # (out, groups)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = round_codes(inliers, scale, group_size, stochastic=False)
+    index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64  # 4 bytes per outlier where it suffices
+    return codes, scale, index.to(device=w.device, dtype=index_dtype), value
+
+
+def num_outliers(numel: int, fraction: float) -> int:
+    return int(round(numel * fraction))
+
+
+def round_codes(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: Optional[int],
+    stochastic: bool,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """``values / scale`` rounded (to nearest, or stochastically) and clamped to int8 codes."""
+    v = _grouped(values, group_size) / scale.unsqueeze(-1)
+    if stochastic:
+        v = torch.floor(v + torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype))
+    else:
+        v = torch.round(v)
+    return v.clamp_(-QMAX, QMAX).to(torch.int8).reshape(values.shape)
+
+
+def dequantize_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    outlier_index: torch.Tensor,
+    outlier_value: torch.Tensor,
+    group_size: Optional[int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The float weight ``(out, in)``: ``scale · codes`` with the outliers put back."""
+    w = (_grouped(codes.to(torch.float32), group_size) * scale.unsqueeze(-1)).reshape(codes.shape)
+    if outlier_index.numel():
+        w.view(-1)[outlier_index] = outlier_value
+    return w.to(dtype)
+
+
+def quantize_blockwise(values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened ``values`` → ``(int8 codes (numel,), absmax fp32 (blocks,))``, round-to-nearest per block."""
+    flat = values.reshape(-1).to(torch.float32)
+    padded = F.pad(flat, (0, (-flat.numel()) % block_size)).view(-1, block_size)  # (blocks, block_size)
+    absmax = padded.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    codes = torch.round(padded / safe[:, None] * QMAX).to(torch.int8).reshape(-1)[: flat.numel()]
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, block_size: int, shape: torch.Size) -> torch.Tensor:
+    padded = F.pad(codes.to(torch.float32), (0, (-codes.numel()) % block_size)).view(-1, block_size)
+    return (padded * (absmax[:, None] / QMAX)).reshape(-1)[: codes.numel()].reshape(shape)
+
+
+@dataclass
+class LionHyper:
+    """One Lion step's hyperparameters."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+
+
+def lion_step_(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    outlier_index: torch.Tensor,
+    outlier_value: torch.Tensor,
+    momentum_codes: torch.Tensor,
+    momentum_absmax: torch.Tensor,
+    grad: torch.Tensor,
+    hyper: LionHyper,
+    group_size: Optional[int],
+    block_size: int,
+    stochastic: bool,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """One Lion step on the int8 state, in place: weights (codes and outliers) and momentum.
+
+    Only this layer's float weight, momentum and gradient exist during the call.
+    """
+    g = grad.to(torch.float32)
+    w = dequantize_weight(codes, scale, outlier_index, outlier_value, group_size)
+    m = dequantize_blockwise(momentum_codes, momentum_absmax, block_size, g.shape)
+    direction = torch.sign(m * hyper.beta1 + g * (1 - hyper.beta1))
+    w.sub_(hyper.lr * (direction + hyper.weight_decay * w))
+    if outlier_index.numel():
+        outlier_value.copy_(w.view(-1)[outlier_index])
+        w.view(-1)[outlier_index] = 0.0
+    codes.copy_(round_codes(w, scale, group_size, stochastic, generator))
+    m.mul_(hyper.beta2).add_(g, alpha=1 - hyper.beta2)
+    new_codes, new_absmax = quantize_blockwise(m, block_size)
+    momentum_codes.copy_(new_codes)
+    momentum_absmax.copy_(new_absmax)

@@ -1,0 +1,179 @@
+"""The QuantFull tuner layer: a Linear whose whole weight trains as int8 state, updated inside backward.
+
+Forward dequantizes and multiplies. Backward computes the input gradient as usual and hands the weight gradient
+straight to the layer's updater (set by :class:`~peft_quant.QuantFullOptimizer`), which applies a fused Lion step
+to the int8 state and drops the gradient: no weight gradient outlives its layer's backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from ..quant_formats import describe, read_weight
+from ..tuner_base import PeftQuantLayer
+from .config import QuantFullConfig
+from .int8_state import dequantize_weight, quantize_weight
+
+Updater = Callable[["QuantFullLayer", torch.Tensor], None]
+
+
+class ReleasedLinear(nn.Module):
+    """Stands in for the base Linear after QuantFull took over its weight: shape only, no storage."""
+
+    def __init__(self, in_features: int, out_features: int, label: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.label = in_features, out_features, label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            f"This layer's original weights ({self.label}) were released when QuantFull took them over as int8 "
+            "state; disabling or unloading the adapter cannot bring them back. Fix: use merge_and_unload() for a "
+            "float model of the tuned weights, or reload the base model."
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, released={self.label!r}"
+
+
+class _Int8Linear(torch.autograd.Function):
+    """``x Wᵀ`` with ``W`` dequantized from int8 state; backward feeds ``dL/dW`` to the layer's updater."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, layer: "QuantFullLayer") -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return F.linear(x, layer.weight_of(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad @ layer.weight_of(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.reshape(-1, grad.shape[-1]).T.to(torch.float32) @ x.reshape(-1, x.shape[-1]).to(torch.float32)
+        layer.consume_gradient(grad_w)
+        return grad_x, None, None
+
+
+class QuantFullLayer(nn.Module, PeftQuantLayer):
+    """Holds one adapter's int8 weight state: ``qf_codes`` (int8), ``qf_scale``, ``qf_outlier_index``,
+    ``qf_outlier_value`` (buffers), ``qf_bias`` (float parameter), ``qf_anchor`` (a scalar parameter that makes
+    autograd reach this layer's backward even when its input needs no gradient)."""
+
+    adapter_layer_names: tuple[str, ...] = ("qf_bias", "qf_anchor")
+    other_param_names: tuple[str, ...] = ("qf_codes", "qf_scale", "qf_outlier_index", "qf_outlier_value",
+                                          "qf_group_size")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuantFullConfig, layer_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.base_format = describe(base_layer)
+        if self.base_format.layer_type != "linear":
+            raise ValueError(
+                f"QuantFull trains Linear layers only; {layer_name or 'this layer'} is {self.base_format.label} "
+                f"{self.base_format.layer_type}. Fix: exclude it from target_modules."
+            )
+        self.in_features, self.out_features = self.base_format.in_features, self.base_format.out_features
+        self.qf_codes, self.qf_scale = BufferDict(persistent=True), BufferDict(persistent=True)
+        self.qf_outlier_index, self.qf_outlier_value = BufferDict(persistent=True), BufferDict(persistent=True)
+        self.qf_bias, self.qf_anchor = nn.ParameterDict(), nn.ParameterDict()
+        self.qf_group_size: dict[str, Optional[int]] = {}
+        self.updater: Optional[Updater] = None
+        self.merged_adapters: list[str] = []
+        self.requantization_error: dict[str, float] = {}  # merging dequantizes exactly: nothing to report
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_name)
+
+    def update_layer(self, adapter_name: str, config: QuantFullConfig, layer_name: str = "") -> None:
+        """Quantize the base weight into this adapter's int8 state and release the base layer's storage."""
+        where = f"layer {layer_name!r}" if layer_name else "this layer"
+        if self.qf_codes:
+            raise ValueError(
+                f"QuantFull already holds {where}'s weights for adapter {next(iter(self.qf_codes))!r}; a second "
+                "QuantFull adapter on the same layers would train a second full copy. Fix: delete the first adapter "
+                "or wrap another model."
+            )
+        if config.group_size is not None and self.in_features % config.group_size:
+            raise ValueError(
+                f"QuantFull group_size={config.group_size} does not divide the input width {self.in_features} of "
+                f"{where}. Fix: choose a group_size dividing it, or None for one scale per output channel."
+            )
+        base = self.get_base_layer()
+        weight = read_weight(base)
+        codes, scale, index, value = quantize_weight(weight, config.group_size, config.outlier_fraction)
+        self.qf_codes[adapter_name], self.qf_scale[adapter_name] = codes, scale
+        self.qf_outlier_index[adapter_name], self.qf_outlier_value[adapter_name] = index, value
+        self.qf_group_size[adapter_name] = config.group_size
+        self.stochastic_rounding = config.stochastic_rounding
+        self.qf_anchor[adapter_name] = nn.Parameter(torch.zeros((), device=weight.device))
+        bias = getattr(base, "bias", None)
+        if bias is not None:
+            self.qf_bias[adapter_name] = nn.Parameter(bias.detach().to(torch.float32).clone(),
+                                                      requires_grad=config.train_bias)
+        self.base_layer = ReleasedLinear(self.in_features, self.out_features, self.base_format.label)
+        self.set_adapter(self.active_adapters)
+        if not config.train_bias and adapter_name in self.qf_bias:
+            self.qf_bias[adapter_name].requires_grad_(False)
+
+    @property
+    def adapter(self) -> str:
+        return next(iter(self.qf_codes))
+
+    def weight_of(self, dtype: torch.dtype = torch.float32, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """The current float weight ``(out, in)``, dequantized from the int8 state."""
+        name = adapter_name or self.adapter
+        return dequantize_weight(self.qf_codes[name], self.qf_scale[name], self.qf_outlier_index[name],
+                                 self.qf_outlier_value[name], self.qf_group_size[name], dtype)
+
+    def consume_gradient(self, grad_weight: torch.Tensor) -> None:
+        """Hand the weight gradient to the optimizer's fused step (called from backward)."""
+        if self.updater is None:
+            raise RuntimeError(
+                "A QuantFull layer got a weight gradient, but no QuantFullOptimizer is attached to the model: its "
+                "int8 weights can only be updated inside backward. Fix: create peft_quant.QuantFullOptimizer(model, "
+                "lr=...) before the first backward (or run without gradients)."
+            )
+        self.updater(self, grad_weight)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x)  # merged: the tuned float Linear; disabled: raises, the base weights are gone
+        name = self.adapter
+        out = _Int8Linear.apply(x, self.qf_anchor[name], self)
+        if name in self.qf_bias:
+            out = out + self.qf_bias[name].to(out.dtype)
+        return out
+
+    # ---- merging -------------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Replace the released base by a float ``nn.Linear`` holding the tuned weights (for merge_and_unload)."""
+        name = self.adapter
+        weight = self.weight_of(torch.float32)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs or Infs in the tuned weights of adapter {name!r}.")
+        linear = nn.Linear(self.in_features, self.out_features, bias=name in self.qf_bias, device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if name in self.qf_bias:
+                linear.bias.copy_(self.qf_bias[name])
+        linear.requires_grad_(False)
+        self.base_layer = linear
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        raise RuntimeError("QuantFull merges by replacing the layer with its tuned float weights; it cannot unmerge.")
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The tuned weight itself (QuantFull holds the whole weight, not a delta)."""
+        return self.weight_of(torch.float32, adapter_name)
+
+    def __repr__(self) -> str:
+        return "quant_full." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, was={self.base_format.label!r}"
