@@ -125,3 +125,21 @@ def test_timestep_scale_on_a_gptq_layer(tiny_gptq_dir):
     torch.testing.assert_close(layer.ts_scale_out["default"].grad.double(), s_out.grad, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="cannot merge into these layers.*gptq int4"):
         model.merge_and_unload()
+
+
+def test_quantfull_dequantizes_a_gptq_base_once_and_trains_it(tiny_gptq_dir):
+    from peft_quant import QuantFullConfig, QuantFullOptimizer
+
+    base = load_gptq(tiny_gptq_dir)
+    original = base.model.layers[1].mlp.down_proj.dequantize_weight().T.float().clone()  # (out, in)
+    model = get_peft_model(base, QuantFullConfig(target_modules=["down_proj"]))
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    assert layer.base_format.label == "gptq int4 (group size 32)"
+    assert ((layer.weight_of() - original).abs() <= layer.qf_scale["default"] / 2 + 1e-6).all()
+    QuantFullOptimizer(model, lr=1e-3)
+    before = layer.qf_codes["default"].clone()
+    tokens = torch.randint(0, 256, (2, 8))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert not torch.equal(layer.qf_codes["default"], before)
+    merged = model.merge_and_unload()
+    assert type(merged.model.layers[1].mlp.down_proj) is torch.nn.Linear
