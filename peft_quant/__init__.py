@@ -14,11 +14,13 @@ from .qoft import QOFTConfig, QOFTModel  # noqa: E402
 from .quant_formats import UnsupportedLayerError  # noqa: E402
 from .quant_full import QuantFullConfig, QuantFullModel, QuantFullOptimizer  # noqa: E402
 from .quantize import quantize_model  # noqa: E402
+from .stash import StashQuantConfig, StashQuantModel, disable_stash, enable_stash, stash_callback, stash_packer  # noqa: E402,E501
 from .timestep_scale import RoutingError, TimestepScaleConfig, TimestepScaleModel  # noqa: E402
 
 register("qoft", QOFTConfig, QOFTModel)
 register("timestep_scale", TimestepScaleConfig, TimestepScaleModel)
 register("quant_full", QuantFullConfig, QuantFullModel)
+register("stash_quant", StashQuantConfig, StashQuantModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
@@ -31,10 +33,16 @@ __all__ = [
     "QuantFullModel",
     "QuantFullOptimizer",
     "RoutingError",
+    "StashQuantConfig",
+    "StashQuantModel",
     "TimestepScaleConfig",
     "TimestepScaleModel",
     "UnsupportedLayerError",
     "__version__",
+    "disable_stash",
+    "enable_stash",
     "load_into_pipeline",
     "quantize_model",
+    "stash_callback",
+    "stash_packer",
 ]

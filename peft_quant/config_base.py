@@ -55,6 +55,13 @@ class PeftQuantConfig(PeftConfig):
     METHOD_SUMMARY: ClassVar[str] = ""
     CARD_SETTINGS: ClassVar[tuple[str, ...]] = ()  # fields the model card lists
 
+    stash: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Also compress the activations saved for backward (StashQuant): settings as for "
+            "peft_quant.enable_stash, e.g. {'bits': 4, 'milestones': [[0.5, 8]]}. None: off."
+        },
+    )
     format_version: Optional[int] = field(
         default=None,
         metadata={"help": "peft-quant's format version of this adapter; filled in automatically, checked on load."},

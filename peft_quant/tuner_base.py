@@ -60,8 +60,13 @@ class PeftQuantTuner(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
-        """Record the base model's name for diffusers models too (PEFT reads only transformers' ``name_or_path``)."""
+        """Attach the stash packer if the config asks for one; record the base model's name for diffusers models too
+        (PEFT reads only transformers' ``name_or_path``)."""
         super()._prepare_model(peft_config, model)
+        if peft_config.stash:
+            from .stash import attach_packer
+
+            attach_packer(model, **dict(peft_config.stash))
         if peft_config.base_model_name_or_path is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None)
             peft_config.base_model_name_or_path = name or None

@@ -1,0 +1,179 @@
+"""Compress what autograd saves for backward during a module's forward, with a bit width that rises over training.
+
+:class:`StashPacker` installs ``torch.autograd.graph.saved_tensors_hooks`` for exactly the duration of the module's
+forward (a pre-hook enters, a post-hook that always runs leaves). Floating tensors of at least ``min_numel``
+values are packed to block floating point (:mod:`peft_quant.stash.bfp`); parameters and their views (anything
+sharing a parameter's storage), integer and bool tensors, small tensors, and everything at 16 bits pass through
+untouched. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not packed
+again (the checkpoint keeps its own saved tensors).
+
+:class:`BitSchedule` gives the bit width as a function of training progress: milestones over steps or fractions of
+the run, and optionally a loss-plateau trigger; it never decreases.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .bfp import PackedBlocks, check_format, pack, unpack
+
+PACKER_ATTRIBUTE = "_peft_quant_stash"
+
+
+@dataclass
+class BitSchedule:
+    """Stash bits over training: ``milestones`` are ``(progress, bits)`` pairs, progress in steps (``unit="step"``)
+    or in fractions of the run (``unit="fraction"``); before the first milestone, ``initial_bits``. With
+    ``plateau_patience``, a loss that has not improved by ``plateau_min_delta`` for that many reports raises the
+    bits to the next width in ``plateau_levels``. Bits never decrease."""
+
+    initial_bits: int = 4
+    milestones: Sequence[tuple[float, int]] = ()
+    unit: str = "fraction"
+    plateau_patience: Optional[int] = None
+    plateau_min_delta: float = 0.0
+    plateau_levels: Sequence[int] = (2, 3, 4, 5, 6, 8, 16)
+    bits: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("fraction", "step"):
+            raise ValueError(f"StashQuant schedule unit must be 'fraction' or 'step', got {self.unit!r}.")
+        points = [(float(p), int(b)) for p, b in self.milestones]
+        for _, b in [(0.0, self.initial_bits), *points]:
+            check_format(b, 32)
+        if [p for p, _ in points] != sorted(p for p, _ in points):
+            raise ValueError(f"StashQuant milestones must be sorted by progress, got {points}.")
+        widths = [self.initial_bits] + [b for _, b in points]
+        if any(later < earlier for earlier, later in zip(widths, widths[1:])):
+            raise ValueError(f"StashQuant bits must rise monotonically over training, got {widths}.")
+        if self.unit == "fraction" and any(not 0 <= p <= 1 for p, _ in points):
+            raise ValueError("StashQuant milestones with unit='fraction' must lie in [0, 1].")
+        self.milestones = points
+        self.bits = self.initial_bits
+        self._best: Optional[float] = None
+        self._stale = 0
+
+    def update(self, step: int, total_steps: Optional[int] = None, loss: Optional[float] = None) -> int:
+        """Advance to ``step`` (of ``total_steps``; needed for ``unit='fraction'``), optionally reporting a loss;
+        returns the bits now in force."""
+        if self.milestones:
+            if self.unit == "fraction":
+                if not total_steps:
+                    raise ValueError("A StashQuant schedule in fractions of the run needs total_steps.")
+                progress = step / total_steps
+            else:
+                progress = float(step)
+            reached = bisect.bisect_right([p for p, _ in self.milestones], progress)
+            if reached:
+                self.bits = max(self.bits, self.milestones[reached - 1][1])
+        if loss is not None and self.plateau_patience:
+            if self._best is None or loss < self._best - self.plateau_min_delta:
+                self._best, self._stale = loss, 0
+            else:
+                self._stale += 1
+                if self._stale >= self.plateau_patience:
+                    higher = [b for b in self.plateau_levels if b > self.bits]
+                    self.bits = higher[0] if higher else self.bits
+                    self._stale = 0
+        return self.bits
+
+
+class StashPacker:
+    """Packs tensors saved for backward during ``module``'s forwards; counts what it holds."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        schedule: BitSchedule,
+        block_size: int = 32,
+        min_numel: int = 1024,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        check_format(schedule.initial_bits, block_size)
+        self.schedule = schedule
+        self.block_size = block_size
+        self.min_numel = min_numel
+        self.stochastic_rounding = stochastic_rounding
+        self.module = module
+        self._contexts: list[Any] = []
+        self._param_storages: set[int] = set()
+        self.reset_stats()
+        self._handles = [
+            module.register_forward_pre_hook(self._enter),
+            module.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    @property
+    def bits(self) -> int:
+        return self.schedule.bits
+
+    def update(self, step: int, total_steps: Optional[int] = None, loss: Optional[float] = None) -> int:
+        """Advance the bit schedule (call once per optimizer step in a plain training loop)."""
+        return self.schedule.update(step, total_steps, loss)
+
+    def reset_stats(self) -> None:
+        """Zero the counters: ``packed_tensors``, ``original_bytes`` and ``stored_bytes`` of what was packed."""
+        self.packed_tensors = 0
+        self.original_bytes = 0
+        self.stored_bytes = 0
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled():
+            self._contexts.append(None)
+            return
+        self._param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        context.__enter__()
+        self._contexts.append(context)
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._contexts:
+            context = self._contexts.pop()
+            if context is not None:
+                context.__exit__(None, None, None)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if (
+            self.bits >= 16
+            or not tensor.is_floating_point()
+            or tensor.numel() < self.min_numel
+            or isinstance(tensor, nn.Parameter)
+            or tensor.untyped_storage().data_ptr() in self._param_storages
+        ):
+            return tensor
+        packed = pack(tensor, self.bits, self.block_size, self.stochastic_rounding)
+        self.packed_tensors += 1
+        self.original_bytes += tensor.numel() * tensor.element_size()
+        self.stored_bytes += packed.nbytes
+        return packed
+
+    @staticmethod
+    def _unpack(saved: Any) -> torch.Tensor:
+        return unpack(saved) if isinstance(saved, PackedBlocks) else saved
+
+
+def attach_packer(module: nn.Module, **settings: Any) -> StashPacker:
+    """Attach a :class:`StashPacker` to ``module`` (replacing one already there) and return it."""
+    old = getattr(module, PACKER_ATTRIBUTE, None)
+    if old is not None:
+        old.detach()
+    schedule = BitSchedule(
+        initial_bits=settings.pop("bits", 4),
+        milestones=settings.pop("milestones", ()),
+        unit=settings.pop("unit", "fraction"),
+        plateau_patience=settings.pop("plateau_patience", None),
+        plateau_min_delta=settings.pop("plateau_min_delta", 0.0),
+    )
+    packer = StashPacker(module, schedule, **settings)
+    object.__setattr__(module, PACKER_ATTRIBUTE, packer)
+    return packer

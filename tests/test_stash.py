@@ -1,0 +1,225 @@
+"""StashQuant: block floating point error bounds, what is packed, exact 16-bit bypass, schedule, composition."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import peft_quant
+from peft_quant import QOFTConfig, QuantFullConfig, QuantFullOptimizer, StashQuantConfig, TimestepScaleConfig
+from peft_quant.stash import BitSchedule, enable_stash, stash_packer
+from peft_quant.stash.bfp import _pack_bits, _unpack_bits, pack, unpack
+
+from .conftest import TINY_LLAMA
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_packing_is_exact(bits):
+    codes = torch.randint(0, 2**bits, (8 * 13,), dtype=torch.uint8)
+    stream = _pack_bits(codes, bits)
+    assert stream.numel() == 13 * bits
+    assert torch.equal(_unpack_bits(stream, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_round_to_nearest_error_within_half_a_step_of_the_shared_exponent(bits, block_size):
+    torch.manual_seed(bits)
+    x = torch.randn(8, 96, dtype=torch.float64) * torch.logspace(-3, 2, 96, dtype=torch.float64)  # wide range
+    packed = pack(x, bits, block_size)
+    restored = unpack(packed).to(torch.float64)
+    assert packed.nbytes == x.numel() * bits // 8 + x.numel() // block_size  # exactly k bits + 1 byte per block
+    step = torch.exp2(packed.exponents.to(torch.float64)).repeat_interleave(block_size)[: x.numel()].view_as(x)
+    assert ((restored - x).abs() <= step / 2 * (1 + 1e-12)).all()
+    qmax = 2 ** (bits - 1) - 1
+    absmax = x.reshape(-1, block_size).abs().amax(dim=1)
+    assert (absmax / torch.exp2(packed.exponents.double()) <= qmax).all()  # every block's largest value fits
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.full((64,), 0.3) * torch.tensor([1.0, 7.0]).repeat(32)  # absmax 2.1 per block: a coarse 3-bit step
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([unpack(pack(x, 3, 16, stochastic=True, generator=generator)) for _ in range(400)])
+    step = 1.0  # 3 bits: qmax 3, absmax 2.1 → exponent 0
+    assert (draws - x).abs().max() < step
+    assert torch.allclose(draws.mean(0), x, atol=4 * 0.5 * step / 400**0.5)
+    assert not torch.allclose(unpack(pack(x, 3, 16)), x, atol=0.05)  # nearest rounding is biased here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unpack_restores_shape_dtype_and_values_of_views(dtype):
+    x = torch.randn(6, 10, 12).to(dtype).transpose(0, 2)  # non-contiguous
+    restored = unpack(pack(x, 8, 32))
+    assert restored.shape == x.shape and restored.dtype == dtype and restored.is_contiguous()
+    torch.testing.assert_close(restored.float(), x.float(), rtol=0.02, atol=0.02)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8, or 16"):
+        pack(torch.randn(64), 1)
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
+        StashQuantConfig(target_modules=["0"], bits=12)
+    with pytest.raises(ValueError, match="power of two in \\(16, 32, 64\\)"):
+        StashQuantConfig(target_modules=["0"], block_size=24)
+    with pytest.raises(ValueError, match="rise monotonically"):
+        StashQuantConfig(target_modules=["0"], bits=6, milestones=[[0.5, 4]])
+    with pytest.raises(ValueError, match="needs target_modules as a list"):
+        StashQuantConfig()
+    with pytest.raises(ValueError, match="unknown field.*'bit' \\(did you mean 'bits'"):
+        StashQuantConfig(target_modules=["0"], bit=4)
+
+
+def test_schedule_is_monotone_over_milestones_and_plateaus():
+    schedule = BitSchedule(initial_bits=2, milestones=[(0.25, 4), (0.5, 6), (0.75, 8)], plateau_patience=2)
+    seen = [schedule.update(step, 100) for step in range(0, 101, 5)]
+    assert seen == sorted(seen) and seen[0] == 2 and seen[-1] == 8 and {4, 6} <= set(seen)
+    steps = BitSchedule(initial_bits=3, milestones=[(10, 5)], unit="step")
+    assert [steps.update(s) for s in (0, 9, 10, 3)] == [3, 3, 5, 5]  # never decreases, even going back
+    plateau = BitSchedule(initial_bits=4, plateau_patience=2, plateau_min_delta=0.01)
+    bits = [plateau.update(s, loss=loss) for s, loss in enumerate([2.0, 1.5, 1.499, 1.498, 1.2, 1.199, 1.2])]
+    assert bits == [4, 4, 4, 5, 5, 5, 6]
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+
+
+def _lora_grads(bits=None, checkpointing=False, **settings):
+    model = get_peft_model(_llama(), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                init_lora_weights=False))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    packer = enable_stash(model, bits=bits, **settings) if bits else None
+    model.train()
+    tokens = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    grads = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+    return grads, packer, model
+
+
+def test_16_bit_bypass_gives_exactly_the_uncompressed_gradients():
+    plain, _, _ = _lora_grads()
+    bypass, packer, _ = _lora_grads(16, min_numel=1)
+    assert packer.packed_tensors == 0 and torch.equal(bypass, plain)
+
+
+def test_compressed_gradients_within_bounds_and_memory_ratio():
+    plain, _, _ = _lora_grads()
+    for bits, bound, ratio in ((8, 0.03, 3.5), (4, 0.35, 6.0)):
+        grads, packer, _ = _lora_grads(bits)
+        error = float((grads - plain).norm() / plain.norm())
+        assert 0 < error < bound, (bits, error)
+        assert packer.packed_tensors > 10 and packer.original_bytes / packer.stored_bytes > ratio
+
+
+def test_parameters_and_their_views_are_never_packed():
+    _, packer, model = _lora_grads(4, min_numel=1)
+    shapes = []
+    original = packer._pack
+
+    def spy(tensor):
+        out = original(tensor)
+        if out is not tensor:
+            shapes.append(tensor.shape)
+            storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            assert tensor.untyped_storage().data_ptr() not in storages
+        return out
+
+    packer._pack = spy
+    tokens = torch.randint(0, 256, (2, 8))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert shapes  # activations were packed
+    weight_shapes = {p.shape for p in model.parameters()} | {p.T.shape for p in model.parameters() if p.dim() == 2}
+    assert not any(s in weight_shapes for s in shapes if len(s) == 2 and s[0] != 2 * 8)
+
+
+def test_gradient_checkpointing_recomputation_is_not_packed_twice():
+    plain, _, _ = _lora_grads(checkpointing=True)
+    bypass, _, _ = _lora_grads(16, checkpointing=True)
+    assert torch.equal(bypass, plain)
+    grads, packer, model = _lora_grads(8, checkpointing=True)
+    after_backward = packer.packed_tensors
+    packer.reset_stats()
+    tokens = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=tokens, labels=tokens).loss
+    after_forward = packer.packed_tensors
+    loss.backward()
+    assert packer.packed_tensors == after_forward == after_backward  # backward's recomputation packed nothing
+    no_checkpoint, packer_full, _ = _lora_grads(8)
+    assert after_forward < packer_full.packed_tensors  # checkpointed segments keep nothing to pack
+
+
+def test_stash_quant_config_trains_target_copies_and_reloads(tmp_path):
+    model = get_peft_model(_llama(), StashQuantConfig(target_modules=["q_proj"], bits=4, milestones=[[0.5, 8]]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("q_proj.stash_module" in n for n in trainable)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    tokens = torch.randint(0, 256, (2, 16))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    assert stash_packer(model).packed_tensors > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(_llama(), tmp_path)
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, expected)
+        assert not torch.equal(_llama()(tokens).logits, expected)  # training changed the targets
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(merged(tokens).logits, expected)
+    assert stash_packer(merged) is None
+
+
+def test_composes_with_every_method_and_lora():
+    tokens = torch.randint(0, 256, (2, 16))
+    models = {
+        "qoft": get_peft_model(_llama(), QOFTConfig(target_modules=["q_proj"], block_size=16, stash={"bits": 4})),
+        "quant_full": get_peft_model(_llama(), QuantFullConfig(target_modules=["q_proj"], stash={"bits": 6})),
+        "lora": get_peft_model(_llama(), LoraConfig(target_modules=["q_proj"])),
+    }
+    enable_stash(models["lora"], bits=8)
+    QuantFullOptimizer(models["quant_full"], lr=1e-3)
+    for name, model in models.items():
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        packer = stash_packer(model)
+        assert packer is not None and packer.packed_tensors > 0, name
+        assert any(p.grad is not None for p in model.parameters() if p.requires_grad) or name == "quant_full"
+
+    class Denoiser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+
+        def forward(self, sample, timestep):
+            return self.net(sample)
+
+    denoiser = get_peft_model(Denoiser(), TimestepScaleConfig(stash={"bits": 4, "min_numel": 64}))
+    denoiser(torch.randn(4, 8, 64), torch.tensor([1, 900, 2, 800])).sum().backward()
+    assert stash_packer(denoiser).packed_tensors > 0
+    assert denoiser.base_model.model.net[0].ts_scale_in["default"].grad is not None
+
+
+def test_trainer_callback_advances_the_schedule():
+    model = get_peft_model(_llama(), LoraConfig(target_modules=["q_proj"]))
+    packer = enable_stash(model, bits=4, milestones=[(0.5, 8)], plateau_patience=1)
+    callback = peft_quant.stash_callback()
+    state = SimpleNamespace(global_step=4, max_steps=10)
+    callback.on_step_end(None, state, None, model=model)
+    assert packer.bits == 4
+    state.global_step = 5
+    callback.on_step_end(None, state, None, model=model)
+    assert packer.bits == 8
+    callback.on_log(None, state, None, model=model, logs={"loss": 1.0})
+    callback.on_log(None, state, None, model=model, logs={"loss": 1.0})  # a plateau: next width up
+    assert packer.bits == 16
