@@ -17,7 +17,19 @@ logger = logging.getLogger(__name__)
 
 
 class PeftQuantLayer(BaseTunerLayer):
-    """Base of peft-quant's tuner layers: what a forward does when no adapter applies."""
+    """Base of peft-quant's tuner layers: common bookkeeping, and what a forward does when no adapter applies."""
+
+    def _init_base(self, base_layer: nn.Module, adapter_name: str) -> None:
+        """Hold ``base_layer`` and describe it (raises UnsupportedLayerError for unsupported types)."""
+        from .quant_formats import describe
+
+        self.base_layer = base_layer
+        self.base_format = describe(base_layer)
+        self.in_features = self.base_format.in_features
+        self.out_features = self.base_format.out_features
+        self.merged_adapters: list[str] = []
+        self.requantization_error: dict[str, float] = {}  # per merged adapter, for peft_quant_merge_report
+        self._active_adapter = adapter_name
 
     def _inactive_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
         """The base layer's output when adapters are disabled (unmerging first) or merged; ``None`` otherwise."""

@@ -10,7 +10,6 @@ with a float reference in which each expert's scales are multiplied into the deq
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,6 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import peft_quant
 from peft_quant import TimestepScaleConfig, load_into_pipeline, quantize_model
 from peft_quant.timestep_scale import TimestepScaleLayer
 from peft_quant.timestep_scale.model import ROUTER_ATTRIBUTE

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..quant_formats import describe, dequantized_weight, quantization_backend, store_weight
+from ..quant_formats import dequantized_weight, quantization_backend, store_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QOFTConfig
 from .rotation import cayley_neumann, num_packed, rotate
@@ -33,18 +33,12 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QOFTConfig, layer_name: str = "") -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.base_format = describe(self.get_base_layer())
+        self._init_base(base_layer, adapter_name)
         self.quantization_backend = quantization_backend(self.get_base_layer())
         self.qoft_Q = nn.ParameterDict()
         self.qoft_block_size: dict[str, int] = {}
         self.qoft_num_terms: dict[str, int] = {}
         self.qoft_dropout: dict[str, float] = {}
-        self.merged_adapters: list[str] = []
-        self.requantization_error: dict[str, float] = {}
-        self.in_features = self.base_format.in_features
-        self.out_features = self.base_format.out_features
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_name)
 
     def update_layer(self, adapter_name: str, config: QOFTConfig, layer_name: str = "") -> None:

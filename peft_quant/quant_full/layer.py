@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ..quant_formats import describe, read_weight
+from ..quant_formats import read_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QuantFullConfig
 from .int8_state import dequantize_weight, quantize_weight
@@ -70,22 +70,17 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuantFullConfig, layer_name: str = "") -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.base_format = describe(base_layer)
+        self._init_base(base_layer, adapter_name)
         if self.base_format.layer_type != "linear":
             raise ValueError(
                 f"QuantFull trains Linear layers only; {layer_name or 'this layer'} is {self.base_format.label} "
                 f"{self.base_format.layer_type}. Fix: exclude it from target_modules."
             )
-        self.in_features, self.out_features = self.base_format.in_features, self.base_format.out_features
         self.qf_codes, self.qf_scale = BufferDict(persistent=True), BufferDict(persistent=True)
         self.qf_outlier_index, self.qf_outlier_value = BufferDict(persistent=True), BufferDict(persistent=True)
         self.qf_bias, self.qf_anchor = nn.ParameterDict(), nn.ParameterDict()
         self.qf_group_size: dict[str, Optional[int]] = {}
         self.updater: Optional[Updater] = None
-        self.merged_adapters: list[str] = []
-        self.requantization_error: dict[str, float] = {}  # merging dequantizes exactly: nothing to report
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_name)
 
     def update_layer(self, adapter_name: str, config: QuantFullConfig, layer_name: str = "") -> None:

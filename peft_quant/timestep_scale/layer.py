@@ -15,7 +15,7 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..quant_formats import describe, dequantized_weight, fold_output_scale, store_weight
+from ..quant_formats import dequantized_weight, fold_output_scale, store_weight
 from ..tuner_base import PeftQuantLayer
 from .config import TimestepScaleConfig
 from .routing import RoutingError, TimestepRouter
@@ -39,17 +39,11 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
         router: TimestepRouter,
     ) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.base_format = describe(self.get_base_layer())
+        self._init_base(base_layer, adapter_name)
         self.router = router
         self.ts_scale_in = nn.ParameterDict()
         self.ts_scale_out = nn.ParameterDict()
         self.ts_boundaries: dict[str, tuple[float, ...]] = {}
-        self.merged_adapters: list[str] = []
-        self.requantization_error: dict[str, float] = {}
-        self.in_features = self.base_format.in_features
-        self.out_features = self.base_format.out_features
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_name)
 
     def update_layer(self, adapter_name: str, config: TimestepScaleConfig, layer_name: str = "") -> None:
