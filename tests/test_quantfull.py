@@ -16,6 +16,7 @@ from peft_quant.quant_full.int8_state import (
     quantize_blockwise,
     quantize_weight,
     round_codes,
+    round_to_int8,
 )
 
 
@@ -70,6 +71,7 @@ def test_fused_step_equals_float_lion_then_the_same_rounding(stochastic):
     x = torch.randn(6, 48)
     for step in range(3):  # momentum non-zero from the second step on
         w_before = layer.weight_of().clone()
+        codes_before = layer.qf_codes["default"].clone()
         state = opt.state[layer.qf_anchor["default"]]
         m_before = (dequantize_blockwise(state["momentum_codes"], state["momentum_absmax"], 64, w_before.shape)
                     if state else torch.zeros_like(w_before))
@@ -79,18 +81,27 @@ def test_fused_step_equals_float_lion_then_the_same_rounding(stochastic):
         model(x).pow(2).mean().backward()
         layer.updater = original
         g = captured["g"]
-        # float Lion on the dequantized state
-        w_new = w_before - 3e-3 * (torch.sign(0.9 * m_before + 0.1 * g) + 0.1 * w_before)
+        # float Lion on the dequantized state, added to the codes in code units, then the same rounding
+        update = -3e-3 * (torch.sign(0.9 * m_before + 0.1 * g) + 0.1 * w_before)
         m_new = 0.99 * m_before + 0.01 * g
         index = layer.qf_outlier_index["default"].long()
-        torch.testing.assert_close(layer.qf_outlier_value["default"], w_new.view(-1)[index])  # outliers: float Lion
-        inliers = w_new.clone()
-        inliers.view(-1)[index] = 0.0
+        outliers_before = w_before.view(-1)[index]
+        torch.testing.assert_close(layer.qf_outlier_value["default"], outliers_before + update.view(-1)[index])
+        update.view(-1)[index] = 0.0
         generator = None
         if stochastic:
             generator = torch.Generator().manual_seed(hash((0, 0, step)) & (2**63 - 1))
-        expected = round_codes(inliers, layer.qf_scale["default"], None, stochastic, generator)
+        assert torch.equal(codes_before.view(-1)[index], torch.zeros_like(index, dtype=torch.int8))
+        expected = round_to_int8(codes_before.float() + update / layer.qf_scale["default"], stochastic, generator)
         assert torch.equal(layer.qf_codes["default"], expected)
+        # which is float Lion on the weight to within one int8 step (half a step for round-to-nearest)
+        w_lion = w_before + update
+        w_lion.view(-1)[index] = 0.0
+        inliers_after = layer.weight_of().clone()
+        inliers_after.view(-1)[index] = 0.0
+        tolerance = layer.qf_scale["default"] * (1.0 if stochastic else 0.5) + 1e-6
+        inside = layer.qf_codes["default"].abs() < 127  # codes at the edge of the int8 grid saturate
+        assert (((inliers_after - w_lion).abs() <= tolerance) | ~inside).all() and inside.float().mean() > 0.95
         expected_m, expected_absmax = quantize_blockwise(m_new, 64)
         assert torch.equal(state["momentum_codes"], expected_m)
         torch.testing.assert_close(state["momentum_absmax"], expected_absmax)

@@ -6,9 +6,9 @@ which are kept exactly as float values at flat indices (their codes are 0). Lion
 absmax per block of ``block_size`` consecutive values.
 
 Lion (Chen et al. 2023), as QFT uses it: ``c = β1·m + (1−β1)·g``; ``w ← w − lr·(sign(c) + λ·w)``;
-``m ← β2·m + (1−β2)·g``. The new weight is written back to int8 by round-to-nearest or by stochastic rounding
-``floor(v + u)``, ``u ~ U[0, 1)``, which is unbiased, so updates far below one int8 step still move the weight
-in expectation.
+``m ← β2·m + (1−β2)·g``. The step is added to the codes in code units (``codes + Δw / scale``) and rounded to
+int8 by round-to-nearest or stochastically (``floor(v)`` + 1 with probability ``v − floor(v)``), which is unbiased,
+so updates far below one int8 step still move the weight in expectation; a zero step changes nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +50,19 @@ def num_outliers(numel: int, fraction: float) -> int:
     return int(round(numel * fraction))
 
 
+def round_to_int8(
+    v: torch.Tensor, stochastic: bool, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Real-valued codes → int8 codes in [-127, 127]: to nearest, or stochastically (``floor(v)`` plus one with
+    probability ``v - floor(v)``; unbiased, and exact for integer ``v``)."""
+    if stochastic:
+        low = torch.floor(v)
+        v = low + (torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype) < v - low)
+    else:
+        v = torch.round(v)
+    return v.clamp_(-QMAX, QMAX).to(torch.int8)
+
+
 def round_codes(
     values: torch.Tensor,
     scale: torch.Tensor,
@@ -58,12 +71,7 @@ def round_codes(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """``values / scale`` rounded (to nearest, or stochastically) and clamped to int8 codes."""
-    v = _grouped(values, group_size) / scale.unsqueeze(-1)
-    if stochastic:
-        v = torch.floor(v + torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype))
-    else:
-        v = torch.round(v)
-    return v.clamp_(-QMAX, QMAX).to(torch.int8).reshape(values.shape)
+    return round_to_int8(_grouped(values, group_size) / scale.unsqueeze(-1), stochastic, generator).reshape(values.shape)
 
 
 def dequantize_weight(
@@ -128,11 +136,13 @@ def lion_step_(
     w = dequantize_weight(codes, scale, outlier_index, outlier_value, group_size)
     m = dequantize_blockwise(momentum_codes, momentum_absmax, block_size, g.shape)
     direction = torch.sign(m * hyper.beta1 + g * (1 - hyper.beta1))
-    w.sub_(hyper.lr * (direction + hyper.weight_decay * w))
+    update = (direction + hyper.weight_decay * w).mul_(-hyper.lr)  # Lion's step, in weight units
     if outlier_index.numel():
-        outlier_value.copy_(w.view(-1)[outlier_index])
-        w.view(-1)[outlier_index] = 0.0
-    codes.copy_(round_codes(w, scale, group_size, stochastic, generator))
+        outlier_value.add_(update.view(-1)[outlier_index])
+        update.view(-1)[outlier_index] = 0.0  # outlier positions keep code 0
+    # the step in code units, added to the codes exactly: a zero step leaves every code as it is
+    moved = _grouped(codes.to(torch.float32), group_size) + _grouped(update, group_size) / scale.unsqueeze(-1)
+    codes.copy_(round_to_int8(moved, stochastic, generator).reshape(codes.shape))
     m.mul_(hyper.beta2).add_(g, alpha=1 - hyper.beta2)
     new_codes, new_absmax = quantize_blockwise(m, block_size)
     momentum_codes.copy_(new_codes)

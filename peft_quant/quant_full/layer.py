@@ -54,7 +54,8 @@ class _Int8Linear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         layer = ctx.layer
         grad_x = grad @ layer.weight_of(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad.reshape(-1, grad.shape[-1]).T.to(torch.float32) @ x.reshape(-1, x.shape[-1]).to(torch.float32)
+        with torch.autocast(grad.device.type, enabled=False):  # the weight gradient in float32, even under autocast
+            grad_w = grad.reshape(-1, grad.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()
         layer.consume_gradient(grad_w)
         return grad_x, None, None
 

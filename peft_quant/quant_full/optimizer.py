@@ -73,9 +73,20 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.seed = seed
         self.skipped_updates = 0
+        self._layers = layers
         self._index = {id(layer): i for i, layer in enumerate(layers)}
         for layer in layers:
             layer.updater = self._fused_step
+        self.register_load_state_dict_post_hook(QuantFullOptimizer._restore_int8)
+
+    @staticmethod
+    def _restore_int8(optimizer: "QuantFullOptimizer") -> None:
+        """torch casts loaded state to the dtype of its parameter (the float32 anchors): put the momentum codes
+        back in int8 (exact: they are integers)."""
+        for state in optimizer.state.values():
+            if "momentum_codes" in state:
+                state["momentum_codes"] = state["momentum_codes"].to(torch.int8)
+                state["momentum_absmax"] = state["momentum_absmax"].to(torch.float32)
 
     def _clip(self, grad: torch.Tensor) -> torch.Tensor:
         if self.max_grad_norm is None:
@@ -104,6 +115,10 @@ class QuantFullOptimizer(torch.optim.Optimizer):
                 return
             grad = state.pop("grad_accum")
             state["micro_steps"] = 0
+        self._apply(layer, state, grad)
+
+    def _apply(self, layer: QuantFullLayer, state: dict, grad: torch.Tensor) -> None:
+        name = layer.adapter
         if not torch.isfinite(grad).all():
             self.skipped_updates += 1
             logger.warning("QuantFull: skipped the update of a layer (%d x %d) whose gradient has NaN or Inf.",
@@ -148,4 +163,14 @@ class QuantFullOptimizer(torch.optim.Optimizer):
                 direction = torch.sign(state["exp_avg"] * beta1 + grad * (1 - beta1))
                 param.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction.to(param.dtype), alpha=-group["lr"])
                 state["exp_avg"].mul_(beta2).add_(grad, alpha=1 - beta2)
+        self._flush_accumulation()
         return loss
+
+    def _flush_accumulation(self) -> None:
+        """Apply gradients still accumulating at an optimizer step: the Trainer ends an epoch with a shorter
+        accumulation when the batches do not divide evenly, and int8 steps must stay aligned with its steps."""
+        for layer in self._layers:
+            state = self.state.get(layer.qf_anchor[layer.adapter])
+            if state and "grad_accum" in state:
+                state["micro_steps"] = 0
+                self._apply(layer, state, state.pop("grad_accum"))
