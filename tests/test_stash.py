@@ -223,3 +223,23 @@ def test_trainer_callback_advances_the_schedule():
     callback.on_log(None, state, None, model=model, logs={"loss": 1.0})
     callback.on_log(None, state, None, model=model, logs={"loss": 1.0})  # a plateau: next width up
     assert packer.bits == 16
+
+
+def test_stash_on_a_bitsandbytes_4bit_model_with_qoft(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    from .conftest import load_llama
+
+    tokens = torch.randint(0, 256, (2, 16))
+    grads = []
+    for bits in (None, 16, 8):
+        torch.manual_seed(0)  # the same random rotations each time
+        model = get_peft_model(load_llama(tiny_llama_dir, "nf4"), QOFTConfig(target_modules=["q_proj", "down_proj"],
+                                                                             block_size=16, init_weights=False))
+        packer = enable_stash(model, bits=bits, min_numel=64) if bits else None
+        model.train()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad]))
+        if bits == 8:
+            assert packer.packed_tensors > 0
+    assert torch.equal(grads[1], grads[0])  # 16-bit bypass: exact
+    assert 0 < float((grads[2] - grads[0]).norm() / grads[0].norm()) < 0.03
