@@ -38,22 +38,33 @@ Measurements:
   digit; diversity as the mean pairwise L2 distance between the samples classified as the target (pixels on the
   data set's 0-16 scale), beside the same statistic on held-out real target digits; memorisation as the mean L2
   distance from those samples to the nearest personalization image, beside the same for held-out real target
-  digits. Per learning rate, the target share of a separate, smaller sample set (another seed) is printed as a
-  diagnostic; it is not used to pick anything.
-* step memory: as in ``bench/qoft.py``, the peak resident memory during a run's first training step (forward,
-  backward, AdamW update, which creates the optimizer state) above the resident memory just before it; the peak is
-  read from ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, and the script re-executes itself with
-  ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows live memory. A dry forward and backward per method runs
-  first. Reported: the median over a method's learning rates, and the range, which shows the noise.
+  digits. Per learning rate, the target share and diversity of a separate, smaller sample set (another seed) are
+  printed as a diagnostic, to show the share/diversity trade-off along the grid; they are not used to pick anything.
+* peak tensor memory: the exact peak of the bytes held by tensors during a run's first two training steps
+  (forward, backward, AdamW update; the first creates the optimizer state, the second runs with it), counted by a
+  ``TorchDispatchMode`` that sees every tensor torch's operators create (activations, gradients, optimizer state,
+  temporaries such as a dequantized weight) until it is freed, plus the weights held. Independent of the allocator:
+  the number a GPU's ``max_memory_allocated`` would give. Reported for the picked run (it does not depend on lr).
+* step memory (RSS): as in ``bench/qoft.py``, the peak resident memory during a run's first training step above
+  the resident memory just before it; the peak is read from ``VmHWM`` after resetting it through
+  ``/proc/self/clear_refs``. For RSS to follow live memory the script re-executes itself with
+  ``MALLOC_MMAP_THRESHOLD_=65536``; pre-training runs in a child process with glibc's default settings (for speed,
+  and because a heap grown by pre-training in this process would serve later allocations unseen by RSS;
+  ``mallopt`` and ``malloc_trim`` afterwards did not undo that). A dry forward and backward per method runs first.
+  Reported: the median over a method's learning rates, and the range, which shows the noise. On a model this
+  small most weights, gradients and optimizer moments are below 64 KiB and come from glibc's heap, which reuses
+  memory freed earlier (by the dry run, say) without RSS growing: read this column as a lower bound.
 * saved for backward: the bytes of the tensors autograd keeps for backward (parameters and buffers excluded),
   counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` in that dry run.
 * weights held: the bytes of all parameters and buffers of the trained model as stored (int4 codes, scales and
   zeros, frozen float biases and norms, adapters); grads + AdamW: 12 bytes per trainable parameter (float32
-  gradient and two moments). Their sum with saved for backward is the accounted training memory.
+  gradient and two moments).
 * adapter on disk: ``save_pretrained`` into a temporary directory; the weights file and all files (config and the
   model card included). Full fine-tuning: the float32 state dict in one safetensors file.
-* step time: median wall time of the training steps after the first, pooled over the learning-rate grid, with the
-  allocator back to glibc's usual settings after the first round (see ``bench/qoft.py``).
+* step time: median wall time of the training steps after the first two (which are measured), pooled over the
+  learning-rate grid, with the allocator back to glibc's usual settings after the first round (see
+  ``bench/qoft.py``). torch runs on one thread by default (``--threads``): on the shared 2-core machine, two
+  threads made steps erratic and many times slower.
 """
 
 from __future__ import annotations
@@ -62,10 +73,13 @@ import os
 import sys
 
 MMAP_THRESHOLD = 64 * 1024
+PRETRAIN_FLAG = "--pretrain-into"  # the pre-training subprocess: glibc's default allocator, no re-execution
 
 
 def _reexec_with_allocator_settings() -> None:
     """Restart this script with glibc's mmap threshold at 64 KiB: it must be set before the process starts."""
+    if PRETRAIN_FLAG in sys.argv:
+        return
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != str(MMAP_THRESHOLD):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), HF_HUB_OFFLINE="1")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -82,6 +96,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+import weakref  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -90,9 +105,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 T_TRAIN = 1000
-LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 QUICK_LR_GRID = (3e-3,)
 METHODS = ("full fine-tuning", "PEQA", "TimestepScale", "LoRA")
 OURS = "TimestepScale"
@@ -133,21 +150,50 @@ def allocator_for_speed() -> None:
         raise RuntimeError("glibc's mallopt failed")
 
 
-def allocator_for_memory() -> None:
-    """Back to the start-up setting (allocations of 64 KiB or more from mmap) and hand freed heap pages back, so
-    that RSS follows live memory again."""
-    libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)):
-        raise RuntimeError("glibc's mallopt failed")
-    libc.malloc_trim(0)
-
-
 def cpu_model() -> str:
     with open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown CPU"
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Exact bytes of the tensors created by torch operators while the mode is active, and their peak.
+
+    Every operator output whose storage is not one of the operator's inputs (views and in-place results are not
+    new) is counted until its storage is freed (a weak reference's callback). Autograd's backward and the optimizer
+    run through the same operators, so activations, gradients, optimizer state and temporaries (such as a
+    dequantized weight) are all seen; tensors that existed before (weights) are not.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in inputs and id(storage) not in self.live and storage.nbytes():
+                    self._add(storage)
+        return out
+
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        key, size = id(storage), storage.nbytes()
+
+        def freed(_ref, key=key, size=size) -> None:
+            if self.live.pop(key, None) is not None:
+                self.current -= size
+
+        self.live[key] = weakref.ref(storage, freed)
+        self.current += size
+        self.peak = max(self.peak, self.current)
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -182,7 +228,7 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     return ((images.reshape(len(images), -1).clamp(-1, 1) + 1) * 8.0).double().numpy()
 
 
-def make_data(args) -> Data:
+def make_data(args, with_classifier: bool = True) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.svm import SVC
@@ -194,10 +240,12 @@ def make_data(args) -> Data:
     personal, val = target[:args.images], target[args.images:args.images + args.val_images]
     reference = target[args.images + args.val_images:]
 
-    classifier = SVC(gamma=0.001, C=10.0)
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=args.seed)
-    predicted = cross_val_predict(classifier, pixels, labels, cv=folds)
-    classifier.fit(pixels, labels)
+    classifier, predicted = None, labels
+    if with_classifier:
+        classifier = SVC(gamma=0.001, C=10.0)
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=args.seed)
+        predicted = cross_val_predict(classifier, pixels, labels, cv=folds)
+        classifier.fit(pixels, labels)
     return Data(
         pretrain=to_unit(pixels[labels != args.target]), personal=to_unit(pixels[personal]), val=to_unit(pixels[val]),
         reference=to_unit(pixels[reference]), reference_share=float(np.mean(predicted[reference] == args.target)),
@@ -249,6 +297,37 @@ def pretrain(data: Data, args):
                   flush=True)
     args.pretrain_seconds = time.perf_counter() - started
     return model.eval().requires_grad_(False)
+
+
+def pretrain_in_subprocess(args):
+    """Pre-train in a child process with glibc's default allocator (this one serves every allocation of 64 KiB or
+    more from mmap, about 2x slower, and a heap grown here would hide later allocations from RSS); the weights come
+    back through a temporary directory."""
+    import subprocess
+
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "denoiser.safetensors")
+        command = [sys.executable, os.path.abspath(__file__), PRETRAIN_FLAG, path, "--seed", str(args.seed),
+                   "--target", str(args.target), "--images", str(args.images),
+                   "--pretrain-steps", str(args.pretrain_steps), "--threads", str(args.threads)]
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True)
+        args.pretrain_seconds = time.perf_counter() - started
+        model = UNet2DModel(**UNET_CONFIG)
+        model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)
+
+
+def pretrain_child(args) -> None:
+    from safetensors.torch import save_file
+
+    model = pretrain(make_data(args, with_classifier=False), args)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.pretrain_into)
+    print(f"  pre-training took {args.pretrain_seconds:.0f} s", flush=True)
 
 
 @torch.no_grad()
@@ -380,8 +459,9 @@ class Run:
     scheduler: object
     step_seconds: list[float] = field(default_factory=list)
     first_step_rss_kib: int = 0
+    tracker: TensorMemoryTracker = field(default_factory=TensorMemoryTracker)
     val_loss: float = float("nan")
-    val_share: float = float("nan")
+    diagnostic: dict = field(default_factory=dict)
 
     def step(self, batch) -> None:
         start = time.perf_counter()
@@ -392,8 +472,13 @@ class Run:
 
     def first_step(self, batch) -> None:
         rss_before = reset_peak_rss()
-        self.step(batch)
+        with self.tracker:
+            self.step(batch)
         self.first_step_rss_kib = peak_rss() - rss_before
+
+    def second_step(self, batch) -> None:
+        with self.tracker:  # now with the optimizer state that the first step created
+            self.step(batch)
 
 
 def new_run(method: str, lr: float, float_model: nn.Module, lora_rank: int, seed: int) -> Run:
@@ -459,7 +544,7 @@ def train_interleaved(runs: list[Run], batches: list) -> None:
             allocator_for_speed()
         for k in range(len(runs)):
             run = runs[(i + k) % len(runs)]
-            (run.step if i else run.first_step)(batch)
+            (run.first_step, run.second_step)[i](batch) if i < 2 else run.step(batch)
         if (i + 1) % 50 == 0 or i + 1 == len(batches):
             print(f"  step {i + 1}/{len(batches)}", flush=True)
 
@@ -510,10 +595,6 @@ def quality(images: torch.Tensor, data: Data, target: int) -> dict:
     }
 
 
-def target_share(images: torch.Tensor, data: Data, target: int) -> float:
-    return float(np.mean(data.classifier.predict(to_pixels(images)) == target))
-
-
 # ---- reporting ---------------------------------------------------------------------------------------------------
 
 
@@ -529,12 +610,12 @@ COST_COLUMNS = (
     ("all files", "{adapter_all_kib:.1f}"),
     ("lr", "{lr:g}"),
     ("median step (s)", "{step_s:.4f}"),
-    ("peak RSS growth, first step (MiB): median", "{rss_mib:.2f}"),
-    ("range over lrs", "{rss_spread}"),
+    ("peak tensor memory, steps 1-2 (MiB)", "{peak_mib:.2f}"),
     ("saved for backward (MiB)", "{saved_mib:.2f}"),
     ("weights held (MiB)", "{weights_mib:.2f}"),
     ("grads + AdamW (MiB)", "{optim_mib:.2f}"),
-    ("accounted total (MiB)", "{accounted_mib:.2f}"),
+    ("peak RSS growth, first step (MiB): median", "{rss_mib:.2f}"),
+    ("range over lrs", "{rss_spread}"),
 )
 QUALITY_COLUMNS = (
     ("method", "{method}"),
@@ -547,9 +628,13 @@ QUALITY_COLUMNS = (
 )
 RATIOS = (
     ("params", "params"), ("adapter weights on disk", "adapter_kib"), ("step time", "step_s"),
-    ("peak RSS growth, first step", "rss_mib"), ("saved for backward", "saved_mib"),
-    ("accounted total", "accounted_mib"), ("target share", "share"), ("pairwise L2, target samples", "div_target"),
+    ("peak tensor memory", "peak_mib"), ("saved for backward", "saved_mib"), ("peak RSS growth, first step", "rss_mib"),
+    ("target share", "share"), ("pairwise L2, target samples", "div_target"),
 )
+
+
+def number(value: float, spec: str) -> str:
+    return format(value, spec) if np.isfinite(value) else "–"
 
 
 def markdown_row(cells) -> str:
@@ -576,7 +661,8 @@ def print_ratios(ours: dict, others: list[dict]) -> None:
     for other in others:
         cells = []
         for _, key in RATIOS:
-            cells.append(f"{ours[key] / other[key]:.2f}" if other.get(key) else "–")
+            ratio = ours[key] / other[key] if other.get(key) else float("nan")
+            cells.append(f"{ratio:.2f}" if np.isfinite(ratio) else "–")
         print(markdown_row([f"{OURS} / {other['method']}", *cells]))
 
 
@@ -615,23 +701,27 @@ def parse_args():
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--steps", type=int, help="personalization steps per run (default 200; 4 with --quick)")
-    parser.add_argument("--pretrain-steps", type=int, help="pre-training steps (default 1500; 40 with --quick)")
+    parser.add_argument("--pretrain-steps", type=int, help="pre-training steps (default 1000; 40 with --quick)")
     parser.add_argument("--target", type=int, default=3, help="the digit left out of pre-training (default 3)")
     parser.add_argument("--images", type=int, default=12, help="personalization images (default 12)")
     parser.add_argument("--samples", type=int, help="samples per method for quality (default 512; 32 with --quick)")
     parser.add_argument("--sample-steps", type=int, help="DDPM inference steps (default 50; 10 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, training, init, sampling (default 0)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 threads made steps 3-50x slower "
+                        "and erratic)")
+    parser.add_argument(PRETRAIN_FLAG, dest="pretrain_into", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 40 pre-training steps, 4 personalization steps, one learning rate, "
                         "32 samples of 10 steps")
     args = parser.parse_args()
     args.steps = args.steps or (4 if args.quick else 200)
-    args.pretrain_steps = args.pretrain_steps or (40 if args.quick else 1500)
+    args.pretrain_steps = args.pretrain_steps or (40 if args.quick else 1000)
     args.samples = args.samples or (32 if args.quick else 512)
     args.sample_steps = args.sample_steps or (10 if args.quick else 50)
-    args.diag_samples = 16 if args.quick else 128
-    if args.steps < 2:
-        parser.error("--steps must be at least 2: the first step of each run is not timed")
+    args.diag_samples = 16 if args.quick else 64
+    if args.steps < 3:
+        parser.error("--steps must be at least 3: the first two steps of each run are measured, not timed")
     if not 0 <= args.target <= 9:
         parser.error("--target must be a digit 0-9")
     args.batch_size, args.pretrain_batch, args.pretrain_lr = 16, 64, 2e-3
@@ -644,12 +734,16 @@ def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
+    if args.pretrain_into:
+        pretrain_child(args)
+        return
+    print("pre-training the float32 denoiser (subprocess) ...", flush=True)
+    float_model = pretrain_in_subprocess(args)
     data = make_data(args)
-    print("pre-training the float32 denoiser ...", flush=True)
-    float_model = pretrain(data, args)
     int_model = quantized(float_model)
     lora_rank, ts_params, per_rank = matched_lora_rank(int_model)
     print_environment(args, data, lora_rank, ts_params, per_rank)
@@ -680,8 +774,8 @@ def main() -> None:
     for method, method_runs in runs.items():
         for run in method_runs:
             run.val_loss = validation_loss(run.model, val_batch)
-            run.val_share = target_share(generate(run.model, args.diag_samples, args.sample_steps, args.seed + 200),
-                                         data, args.target)
+            run.diagnostic = quality(generate(run.model, args.diag_samples, args.sample_steps, args.seed + 200),
+                                     data, args.target)
         best = min(method_runs, key=lambda run: run.val_loss)
         first_step_mib = [run.first_step_rss_kib / 1024 for run in method_runs]
         weights_mib = tensor_bytes(best.model) / 2**20
@@ -691,12 +785,13 @@ def main() -> None:
             "method": method, "base": "float32" if method == "full fine-tuning" else "int4", "lr": best.lr,
             "model": best.model, "params": trainable_params(best.model), "adapter_kib": adapter,
             "adapter_all_kib": adapter_all,
-            "step_s": statistics.median(s for run in method_runs for s in run.step_seconds[1:]),
+            "step_s": statistics.median(s for run in method_runs for s in run.step_seconds[2:]),
             "rss_mib": statistics.median(first_step_mib),
             "rss_spread": f"{min(first_step_mib):.2f}–{max(first_step_mib):.2f}",
             "saved_mib": saved[method], "weights_mib": weights_mib, "optim_mib": optim_mib,
-            "accounted_mib": weights_mib + optim_mib + saved[method], "val_loss": best.val_loss,
-            "per_lr": ", ".join(f"{run.lr:g}: {run.val_loss:.4f} ({run.val_share:.0%})" for run in method_runs),
+            "peak_mib": weights_mib + best.tracker.peak / 2**20, "val_loss": best.val_loss,
+            "per_lr": ", ".join(f"{run.lr:g}: {run.val_loss:.4f} ({run.diagnostic['share']:.0%}, "
+                                f"{number(run.diagnostic['div_target'], '.1f')})" for run in method_runs),
         })
     for row in references:
         row["weights_mib"] = tensor_bytes(row["model"]) / 2**20
@@ -715,10 +810,10 @@ def main() -> None:
     print()
     print_table(QUALITY_COLUMNS, [real, *references, *rows])
     print_ratios(rows[METHODS.index(OURS)], [row for row in rows if row["method"] != OURS])
-    print("\nvalidation loss per lr (target share of the diagnostic samples): "
+    print("\nvalidation loss per lr (diagnostic samples: target share, pairwise L2 of target samples): "
           + "; ".join(f"{row['method']}: {row['per_lr']}" for row in rows))
-    print(f"pre-training {args.pretrain_seconds:.0f} s, personalization {train_seconds:.0f} s; "
-          f"total {time.perf_counter() - started:.0f} s")
+    print(f"pre-training {args.pretrain_seconds:.0f} s (subprocess, with its start-up), personalization "
+          f"{train_seconds:.0f} s; total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
