@@ -184,7 +184,9 @@ def test_trainer_lowers_the_loss_and_trains_every_weight_in_int8(trained):
     per_epoch = NUM_BLOCKS // BATCH
     first = sum(trained.losses[s] for s in range(1, per_epoch + 1)) / per_epoch
     last = sum(trained.losses[s] for s in range(MAX_STEPS - per_epoch + 1, MAX_STEPS + 1)) / per_epoch
-    assert first > math.log(VOCAB) - 0.1  # a random model starts near uniform
+    # a random model starts near uniform (transformers 5.0 divides the summed loss by a token count that includes
+    # positions without a next-token label, a few % lower)
+    assert first > 0.95 * math.log(VOCAB) - 0.1
     assert last < first - 0.25, (first, last)
     # and on held-out text
     model = trained.model
@@ -337,11 +339,12 @@ def test_gradient_accumulation_steps_on_every_second_backward_and_equals_one_con
     model = _wrap(llama_dir)
     optimizer = QuantFullOptimizer(model, lr=LR, gradient_accumulation_steps=2)
     grads = _capture_gradients(model)
-    snapshots, batches, momentum = [], [], []
+    snapshots, batches, momentum, loss_kwargs = [], [], [], []
 
     def record(module, args, kwargs):
         snapshots.append(_codes(model))
         batches.append(kwargs["input_ids"].clone())
+        loss_kwargs.append({k: v for k, v in kwargs.items() if k == "num_items_in_batch"})
         momentum.append({n: {k: v.clone() for k, v in optimizer.state[layer.qf_anchor["default"]].items()
                              if torch.is_tensor(v)} for n, layer in _layers(model).items()})
 
@@ -377,7 +380,9 @@ def test_gradient_accumulation_steps_on_every_second_backward_and_equals_one_con
     reference_optimizer = QuantFullOptimizer(reference, lr=LR)
     reference_grads = _capture_gradients(reference)
     both = torch.cat(batches[:2])
-    reference(input_ids=both, labels=both).loss.backward()
+    # the loss normalization the Trainer used: its token count if it passed one (then g1 + g2 is the gradient of
+    # the summed loss over that count), else each micro-batch's mean divided by the accumulation steps
+    reference(input_ids=both, labels=both, **loss_kwargs[0]).loss.backward()
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)  # what the Trainer does before optimizer.step()
     reference_optimizer.step()
     after_one_step = snapshots[2]
