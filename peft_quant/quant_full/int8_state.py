@@ -53,13 +53,14 @@ def num_outliers(numel: int, fraction: float) -> int:
 def round_to_int8(
     v: torch.Tensor, stochastic: bool, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """Real-valued codes → int8 codes in [-127, 127]: to nearest, or stochastically (``floor(v)`` plus one with
-    probability ``v - floor(v)``; unbiased, and exact for integer ``v``)."""
+    """Real-valued codes → int8 codes in [-127, 127], overwriting ``v``: to nearest, or stochastically (``floor(v)``
+    plus one with probability ``v - floor(v)``; unbiased, and exact for integer ``v``)."""
     if stochastic:
         low = torch.floor(v)
-        v = low + (torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype) < v - low)
+        fraction = v.sub_(low)
+        v = low.add_(torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype) < fraction)
     else:
-        v = torch.round(v)
+        v.round_()
     return v.clamp_(-QMAX, QMAX).to(torch.int8)
 
 
@@ -130,19 +131,25 @@ def lion_step_(
 ) -> None:
     """One Lion step on the int8 state, in place: weights (codes and outliers) and momentum.
 
-    Only this layer's float weight, momentum and gradient exist during the call.
+    Besides the gradient, about four float tensors of the layer's size live at the peak of the call (momentum,
+    step, rounding temporaries); nothing of any other layer.
     """
     g = grad.to(torch.float32)
-    w = dequantize_weight(codes, scale, outlier_index, outlier_value, group_size)
     m = dequantize_blockwise(momentum_codes, momentum_absmax, block_size, g.shape)
-    direction = torch.sign(m * hyper.beta1 + g * (1 - hyper.beta1))
-    update = (direction + hyper.weight_decay * w).mul_(-hyper.lr)  # Lion's step, in weight units
+    update = (m * hyper.beta1).add_(g, alpha=1 - hyper.beta1).sign_()
+    if hyper.weight_decay:
+        w = dequantize_weight(codes, scale, outlier_index, outlier_value, group_size)
+        update.add_(w.mul_(hyper.weight_decay))
+        del w
+    update.mul_(-hyper.lr)  # Lion's step, in weight units
     if outlier_index.numel():
         outlier_value.add_(update.view(-1)[outlier_index])
         update.view(-1)[outlier_index] = 0.0  # outlier positions keep code 0
     # the step in code units, added to the codes exactly: a zero step leaves every code as it is
-    moved = _grouped(codes.to(torch.float32), group_size) + _grouped(update, group_size) / scale.unsqueeze(-1)
+    moved = _grouped(update, group_size).div_(scale.unsqueeze(-1)).add_(_grouped(codes, group_size))
+    del update
     codes.copy_(round_to_int8(moved, stochastic, generator).reshape(codes.shape))
+    del moved
     m.mul_(hyper.beta2).add_(g, alpha=1 - hyper.beta2)
     new_codes, new_absmax = quantize_blockwise(m, block_size)
     momentum_codes.copy_(new_codes)
