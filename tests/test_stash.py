@@ -243,3 +243,31 @@ def test_stash_on_a_bitsandbytes_4bit_model_with_qoft(tiny_llama_dir):
             assert packer.packed_tensors > 0
     assert torch.equal(grads[1], grads[0])  # 16-bit bypass: exact
     assert 0 < float((grads[2] - grads[0]).norm() / grads[0].norm()) < 0.03
+
+
+def test_a_tensor_saved_by_several_operations_is_packed_once_and_statistics_are_kept():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) + self.v(x)
+
+    model = QKV()
+    packer = enable_stash(model, bits=4)
+    x = torch.randn(64, 64, requires_grad=True)
+    model(x).sum().backward()
+    assert packer.packed_tensors == 1 and packer.original_bytes == x.numel() * 4  # one copy for q, k and v
+
+    class Attention(nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q * 2, q * 3, is_causal=True)
+
+    attention = Attention()
+    packer = enable_stash(attention, bits=4)
+    saved = []
+    original = packer._pack
+    packer._pack = lambda t: saved.append((tuple(t.shape), original(t) is t)) or original(t)
+    attention(torch.randn(2, 4, 256, 32, requires_grad=True)).sum().backward()  # log-sum-exp above min_numel
+    assert any(shape == (2, 4, 256) and kept for shape, kept in saved)  # the (B, heads, T) log-sum-exp stays exact

@@ -52,7 +52,18 @@ class PackedBlocks:
 
 
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(n,)`` uint8 codes below ``2^bits`` (n a multiple of 8) → ``(n·bits/8,)`` bytes."""
+    """``(n,)`` uint8 codes below ``2^bits`` (n a multiple of 8) → ``(n·bits/8,)`` bytes (code ``i``'s bit ``j`` at
+    bit ``i·bits + j`` of the stream, least significant first). Widths dividing 8 take a shift-or fast path that
+    writes the same bytes."""
+    if bits == 8:
+        return codes.clone()
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        lanes = codes.view(-1, per_byte)
+        out = lanes[:, 0].clone()
+        for lane in range(1, per_byte):
+            out |= lanes[:, lane] << (lane * bits)
+        return out
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
     planes = (codes.view(-1, 8, 1) >> shifts) & 1  # (groups, 8 codes, bits)
     stream = planes.reshape(-1, 8 * bits // 8, 8)  # (groups, bits bytes, 8 bits)
@@ -62,6 +73,12 @@ def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_bits(stream: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`_pack_bits`."""
+    if bits == 8:
+        return stream.clone()
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=stream.device, dtype=torch.uint8)
+        return ((stream.view(-1, 1) >> shifts) & (2**bits - 1)).reshape(-1)  # (bytes, per_byte) → codes
     shifts = torch.arange(8, device=stream.device, dtype=torch.uint8)
     planes = ((stream.view(-1, bits, 1) >> shifts) & 1).reshape(-1, 8, bits)  # (groups, 8 codes, bits)
     weights = (1 << torch.arange(bits, device=stream.device, dtype=torch.int32)).to(torch.uint8)

@@ -4,7 +4,10 @@
 forward (a pre-hook enters, a post-hook that always runs leaves). Floating tensors of at least ``min_numel``
 values are packed to block floating point (:mod:`peft_quant.stash.bfp`); parameters and their views (anything
 sharing a parameter's storage), integer and bool tensors, small tensors, and everything at 16 bits pass through
-untouched. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not packed
+untouched, and so are tensors at least 16 times smaller than the largest saved so far in the forward (softmax
+log-sum-exps, normalization statistics: backward exponentiates or divides by them, so their error would be
+amplified, and they are small). A tensor saved by several operations (the input shared by q, k and v) is packed
+once. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not packed
 again (the checkpoint keeps its own saved tensors).
 
 :class:`BitSchedule` gives the bit width as a function of training progress: milestones over steps or fractions of
@@ -14,6 +17,7 @@ the run, and optionally a loss-plateau trigger; it never decreases.
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -102,6 +106,8 @@ class StashPacker:
         self.module = module
         self._contexts: list[Any] = []
         self._param_storages: set[int] = set()
+        self._packed: dict[tuple, tuple[weakref.ref, PackedBlocks]] = {}  # this forward's packs, by tensor
+        self._largest = 0
         self.reset_stats()
         self._handles = [
             module.register_forward_pre_hook(self._enter),
@@ -132,6 +138,8 @@ class StashPacker:
             self._contexts.append(None)
             return
         self._param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        if not any(self._contexts):
+            self._packed, self._largest = {}, 0
         context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         context.__enter__()
         self._contexts.append(context)
@@ -141,6 +149,8 @@ class StashPacker:
             context = self._contexts.pop()
             if context is not None:
                 context.__exit__(None, None, None)
+        if not any(self._contexts):
+            self._packed = {}
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if (
@@ -151,7 +161,16 @@ class StashPacker:
             or tensor.untyped_storage().data_ptr() in self._param_storages
         ):
             return tensor
+        self._largest = max(self._largest, tensor.numel())
+        if tensor.numel() * 16 <= self._largest:
+            return tensor
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype, tensor._version)
+        seen = self._packed.get(key)
+        if seen is not None and seen[0]() is tensor:
+            return seen[1]  # the same tensor saved again: share its packed copy
         packed = pack(tensor, self.bits, self.block_size, self.stochastic_rounding)
+        self._packed[key] = (weakref.ref(tensor), packed)
         self.packed_tensors += 1
         self.original_bytes += tensor.numel() * tensor.element_size()
         self.stored_bytes += packed.nbytes
