@@ -76,9 +76,8 @@ def _unpack_bits(stream: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return stream.clone()
     if 8 % bits == 0:
-        per_byte = 8 // bits
-        shifts = torch.arange(0, 8, bits, device=stream.device, dtype=torch.uint8)
-        return ((stream.view(-1, 1) >> shifts) & (2**bits - 1)).reshape(-1)  # (bytes, per_byte) → codes
+        shifts = torch.arange(0, 8, bits, device=stream.device, dtype=torch.uint8)  # one per code in a byte
+        return ((stream.view(-1, 1) >> shifts) & (2**bits - 1)).reshape(-1)  # (bytes, 8 / bits) → codes
     shifts = torch.arange(8, device=stream.device, dtype=torch.uint8)
     planes = ((stream.view(-1, bits, 1) >> shifts) & 1).reshape(-1, 8, bits)  # (groups, 8 codes, bits)
     weights = (1 << torch.arange(bits, device=stream.device, dtype=torch.int32)).to(torch.uint8)
