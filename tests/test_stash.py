@@ -12,7 +12,7 @@ from torch import nn
 import peft_quant
 from peft_quant import QOFTConfig, QuantFullConfig, QuantFullOptimizer, StashQuantConfig, TimestepScaleConfig
 from peft_quant.stash import BitSchedule, enable_stash, stash_packer
-from peft_quant.stash.bfp import _pack_bits, _unpack_bits, pack, unpack
+from peft_quant.stash.bfp import _pack_bits, _unpack_bits, decode_scales, pack, unpack
 
 from .conftest import TINY_LLAMA
 
@@ -25,29 +25,36 @@ def test_bit_packing_is_exact(bits):
     assert torch.equal(_unpack_bits(stream, bits), codes)
 
 
+@pytest.mark.parametrize("scale", ["bf16", "e8m0"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
-def test_round_to_nearest_error_within_half_a_step_of_the_shared_exponent(bits, block_size):
+def test_round_to_nearest_error_within_half_a_step_of_the_block_scale(bits, block_size, scale):
     torch.manual_seed(bits)
     x = torch.randn(8, 96, dtype=torch.float64) * torch.logspace(-3, 2, 96, dtype=torch.float64)  # wide range
-    packed = pack(x, bits, block_size)
+    packed = pack(x, bits, block_size, scale=scale)
     restored = unpack(packed).to(torch.float64)
-    assert packed.nbytes == x.numel() * bits // 8 + x.numel() // block_size  # exactly k bits + 1 byte per block
-    step = torch.exp2(packed.exponents.to(torch.float64)).repeat_interleave(block_size)[: x.numel()].view_as(x)
-    assert ((restored - x).abs() <= step / 2 * (1 + 1e-12)).all()
+    scale_bytes = 2 if scale == "bf16" else 1
+    assert packed.nbytes == x.numel() * bits // 8 + x.numel() // block_size * scale_bytes  # k bits + a scale per block
+    step = decode_scales(packed.scales).double()  # (blocks,)
+    assert ((restored - x).abs() <= step.repeat_interleave(block_size).view_as(x) / 2 * (1 + 1e-12)).all()
     qmax = 2 ** (bits - 1) - 1
-    absmax = x.reshape(-1, block_size).abs().amax(dim=1)
-    assert (absmax / torch.exp2(packed.exponents.double()) <= qmax).all()  # every block's largest value fits
+    used = x.reshape(-1, block_size).abs().amax(dim=1) / step / qmax  # share of the code range the block max uses
+    if scale == "e8m0":
+        assert (used <= 1).all() and (used > 0.5).all()  # a power of two: between half and all of the range
+    else:
+        assert (used - 1).abs().max() <= 2**-8  # bfloat16's rounding of absmax / qmax: the whole range
 
 
-def test_stochastic_rounding_is_unbiased():
+@pytest.mark.parametrize("scale", ["bf16", "e8m0"])
+def test_stochastic_rounding_is_unbiased(scale):
     x = torch.full((64,), 0.3) * torch.tensor([1.0, 7.0]).repeat(32)  # absmax 2.1 per block: a coarse 3-bit step
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([unpack(pack(x, 3, 16, stochastic=True, generator=generator)) for _ in range(400)])
-    step = 1.0  # 3 bits: qmax 3, absmax 2.1 → exponent 0
+    draws = torch.stack([unpack(pack(x, 3, 16, stochastic=True, generator=generator, scale=scale))
+                         for _ in range(400)])
+    step = float(decode_scales(pack(x, 3, 16, scale=scale).scales)[0])  # 3 bits, qmax 3: 0.7 (bf16) or 1 (e8m0)
     assert (draws - x).abs().max() < step
     assert torch.allclose(draws.mean(0), x, atol=4 * 0.5 * step / 400**0.5)
-    assert not torch.allclose(unpack(pack(x, 3, 16)), x, atol=0.05)  # nearest rounding is biased here
+    assert not torch.allclose(unpack(pack(x, 3, 16, scale=scale)), x, atol=0.05)  # nearest rounding is biased here
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -65,6 +72,8 @@ def test_bad_inputs():
         StashQuantConfig(target_modules=["0"], bits=12)
     with pytest.raises(ValueError, match="power of two in \\(16, 32, 64\\)"):
         StashQuantConfig(target_modules=["0"], block_size=24)
+    with pytest.raises(ValueError, match="scale must be one of \\('bf16', 'e8m0'\\)"):
+        StashQuantConfig(target_modules=["0"], scale="fp8")
     with pytest.raises(ValueError, match="rise monotonically"):
         StashQuantConfig(target_modules=["0"], bits=6, milestones=[[0.5, 4]])
     with pytest.raises(ValueError, match="needs target_modules as a list"):
@@ -271,3 +280,31 @@ def test_a_tensor_saved_by_several_operations_is_packed_once_and_statistics_are_
     packer._pack = lambda t: saved.append((tuple(t.shape), original(t) is t)) or original(t)
     attention(torch.randn(2, 4, 256, 32, requires_grad=True)).sum().backward()  # log-sum-exp above min_numel
     assert any(shape == (2, 4, 256) and kept for shape, kept in saved)  # the (B, heads, T) log-sum-exp stays exact
+
+
+def test_views_of_one_memory_region_are_packed_once_and_restored_with_their_strides():
+    """A hidden state saved as (batch, seq, width) by tanh, as (batch·seq, width) by a matmul and transposed by a
+    bmm is one packed region; each view comes back with its own shape and strides (wrong strides would scramble the
+    gradients far beyond the 8-bit error)."""
+
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(1)
+            self.weight = nn.Parameter(torch.randn(64, 48, dtype=torch.float64, generator=generator) / 8)
+            self.other = nn.Parameter(torch.randn(4, 16, 5, dtype=torch.float64, generator=generator))
+
+        def forward(self, x):
+            h = torch.tanh(x)  # saves h (4, 16, 64)
+            flat = h.reshape(-1, 64) @ self.weight  # saves the (64, 64) view of h
+            mixed = torch.bmm(h.transpose(1, 2), self.other)  # saves the transposed view of h
+            return (flat.sum(dim=0) * torch.arange(48.0)).sum() + mixed.sum()
+
+    x = torch.randn(4, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    exact_model, model = Views(), Views()
+    exact = torch.autograd.grad(exact_model(x), [x, *exact_model.parameters()])
+    packer = enable_stash(model, bits=8)
+    compressed = torch.autograd.grad(model(x), [x, *model.parameters()])
+    assert packer.packed_tensors == 1 and packer.original_bytes == x.numel() * 8  # h, once
+    for got, want in zip(compressed, exact):
+        assert float((got - want).norm() / want.norm()) < 0.02

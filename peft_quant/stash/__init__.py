@@ -18,7 +18,7 @@ def _host(model: nn.Module) -> nn.Module:
 def enable_stash(model: nn.Module, **settings: Any) -> StashPacker:
     """Compress the activations ``model`` saves for backward; works on any ``PeftModel`` (QOFT, TimestepScale,
     QuantFull, PEFT's LoRA...) or plain module. Settings as :class:`StashQuantConfig`'s: ``bits``,
-    ``milestones``, ``unit``, ``plateau_patience``, ``plateau_min_delta``, ``block_size``,
+    ``milestones``, ``unit``, ``plateau_patience``, ``plateau_min_delta``, ``block_size``, ``scale``,
     ``stochastic_rounding``, ``min_numel``. Returns the packer; call ``packer.update(step, total_steps, loss)``
     once per optimizer step in a plain loop, or pass :class:`StashQuantCallback` to ``Trainer``."""
     return attach_packer(_host(model), **settings)

@@ -1,13 +1,20 @@
-"""Block floating point: blocks of values sharing one power-of-two scale, with k-bit integer mantissas.
+"""Block floating point: blocks of values sharing one scale, with k-bit integer mantissas.
 
 A tensor is flattened and cut into blocks of ``block_size`` values (a power of two, 16 to 64). Each block stores
-one shared exponent ``e`` (int8, as OCP Microscaling's E8M0 scale) and per value a signed ``k``-bit mantissa
-``q ∈ [-(2^(k-1) - 1), 2^(k-1) - 1]`` (``k`` from 2 to 8), so ``x ≈ q · 2^e`` with ``e`` the smallest exponent
-for which the block's absmax fits. Mantissas are bit-packed: ``k`` bits per value, exactly. With ``k = 8`` and
-blocks of 32 this is MXINT8; MXINT-k generalizes it to fewer bits.
+one shared scale and per value a signed ``k``-bit mantissa ``q ∈ [-(2^(k-1) - 1), 2^(k-1) - 1]`` (``k`` from 2 to
+8), so ``x ≈ q · s``. Mantissas are bit-packed: ``k`` bits per value, exactly. Two scale formats:
 
-Error bound: round-to-nearest errs by at most ``2^(e-1)`` per value (half a step); stochastic rounding by less
-than one step, unbiased. Relative to the block's absmax ``a``, a step is below ``2a / (2^(k-1) - 1)``.
+* ``"bf16"`` (default): ``s = absmax / (2^(k-1) - 1)`` rounded to bfloat16 (16 bits per block), so the block's
+  largest value uses the whole code range. At 4 bits and blocks of 32: 4.5 bits per value, at most 7.1× smaller
+  than float32.
+* ``"e8m0"``: ``s = 2^e``, one int8 exponent per block (OCP Microscaling's E8M0 scale), ``e`` the smallest
+  exponent for which the block's absmax fits; with ``k = 8`` and blocks of 32 this is MXINT8, and MXINT-k
+  generalizes it to fewer bits. A power of two leaves the block's largest value between half and all of the code
+  range, so it costs up to one bit of precision: measured in ``bench/stash.py``, 4-bit training loses ~2× more.
+
+Error bound: round-to-nearest errs by at most half a step ``s/2`` per value; stochastic rounding by less than one
+step, unbiased. Relative to the block's absmax ``a``, a step is ``a / (2^(k-1) - 1)`` for ``"bf16"`` (to within
+bfloat16's rounding of ``s``, 2⁻⁸) and below ``2a / (2^(k-1) - 1)`` for ``"e8m0"``.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import torch.nn.functional as F
 
 MIN_BITS, MAX_BITS = 2, 8
 BLOCK_SIZES = (16, 32, 64)
+SCALE_FORMATS = {"bf16": torch.bfloat16, "e8m0": torch.int8}  # scale format → dtype of the stored scales
 
 
-def check_format(bits: int, block_size: int) -> None:
+def check_format(bits: int, block_size: int, scale: str = "bf16") -> None:
     """Raise a clear error for an unsupported format."""
     if not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS or bits == 16):
         raise ValueError(
@@ -33,14 +41,19 @@ def check_format(bits: int, block_size: int) -> None:
             f"StashQuant block_size must be a power of two in {BLOCK_SIZES} (values sharing one exponent), got "
             f"{block_size!r}."
         )
+    if scale not in SCALE_FORMATS:
+        raise ValueError(
+            f"StashQuant scale must be one of {tuple(SCALE_FORMATS)} (a bfloat16 scale or a power-of-two exponent per "
+            f"block), got {scale!r}."
+        )
 
 
 @dataclass
 class PackedBlocks:
-    """A tensor in block floating point: bit-packed mantissas, one exponent per block, and how to restore it."""
+    """A tensor in block floating point: bit-packed mantissas, one scale per block, and how to restore it."""
 
     mantissas: torch.Tensor  # uint8, bits·numel/8 bytes (padded to whole blocks)
-    exponents: torch.Tensor  # int8, one per block
+    scales: torch.Tensor  # one per block: bfloat16 scales ("bf16") or int8 exponents ("e8m0")
     bits: int
     block_size: int
     shape: torch.Size
@@ -48,7 +61,8 @@ class PackedBlocks:
 
     @property
     def nbytes(self) -> int:
-        return self.mantissas.numel() + self.exponents.numel()
+        return self.mantissas.numel() + self.scales.numel() * self.scales.element_size()
+
 
 
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -84,31 +98,44 @@ def _unpack_bits(stream: torch.Tensor, bits: int) -> torch.Tensor:
     return (planes * weights).sum(dim=-1, dtype=torch.uint8).reshape(-1)
 
 
+def encode_scales(absmax: torch.Tensor, bits: int, scale: str) -> torch.Tensor:
+    """Per-block scales in their stored dtype, from the blocks' absmax (float32): see the module docstring."""
+    qmax = 2 ** (bits - 1) - 1
+    if scale == "e8m0":  # smallest e with absmax / 2^e ≤ qmax; all-zero blocks get the smallest exponent
+        return torch.ceil(torch.log2(absmax.clamp_min(2.0**-126) / qmax)).clamp(-127, 127).to(torch.int8)
+    return torch.where(absmax > 0, absmax / qmax, 1.0).to(torch.bfloat16)  # all-zero blocks: any nonzero scale
+
+
+def decode_scales(stored: torch.Tensor) -> torch.Tensor:
+    """Stored per-block scales (bfloat16 values or int8 exponents) → float32 steps ``s``."""
+    if stored.dtype == torch.int8:
+        return torch.exp2(stored.to(torch.float32))
+    return stored.to(torch.float32)
+
+
 def pack(
     x: torch.Tensor, bits: int, block_size: int = 32, stochastic: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator] = None, scale: str = "bf16",
 ) -> PackedBlocks:
     """Compress a floating tensor to block floating point."""
-    check_format(bits, block_size)
+    check_format(bits, block_size, scale)
     flat = x.detach().reshape(-1).to(torch.float32)
     blocks = F.pad(flat, (0, (-flat.numel()) % block_size)).view(-1, block_size)  # (blocks, block_size)
     qmax = 2 ** (bits - 1) - 1
-    absmax = blocks.abs().amax(dim=1)
-    # smallest e with absmax / 2^e ≤ qmax; all-zero blocks get the smallest exponent
-    exponent = torch.ceil(torch.log2(absmax.clamp_min(2.0**-126) / qmax)).clamp(-127, 127)
-    scaled = blocks / torch.exp2(exponent)[:, None]
+    scales = encode_scales(blocks.abs().amax(dim=1), bits, scale)
+    scaled = blocks / decode_scales(scales)[:, None]
     if stochastic:
         scaled = torch.floor(scaled + torch.rand(scaled.shape, generator=generator, device=scaled.device))
     else:
         scaled = torch.round(scaled)
     codes = (scaled.clamp(-qmax, qmax) + qmax).to(torch.uint8).reshape(-1)  # offset to [0, 2·qmax]
-    return PackedBlocks(_pack_bits(codes, bits), exponent.to(torch.int8), bits, block_size, x.shape, x.dtype)
+    return PackedBlocks(_pack_bits(codes, bits), scales, bits, block_size, x.shape, x.dtype)
 
 
 def unpack(packed: PackedBlocks) -> torch.Tensor:
     """Restore a tensor (contiguous, original shape and dtype) from block floating point."""
     qmax = 2 ** (packed.bits - 1) - 1
     codes = _unpack_bits(packed.mantissas, packed.bits).to(torch.float32) - qmax
-    blocks = codes.view(-1, packed.block_size) * torch.exp2(packed.exponents.to(torch.float32))[:, None]
+    blocks = codes.view(-1, packed.block_size) * decode_scales(packed.scales)[:, None]
     numel = packed.shape.numel()
     return blocks.reshape(-1)[:numel].reshape(packed.shape).to(packed.dtype)

@@ -27,7 +27,7 @@ class StashQuantConfig(PeftQuantConfig):
 
     FORMAT_VERSION: ClassVar[int] = 1
     CARD_SETTINGS: ClassVar[tuple[str, ...]] = (
-        "target_modules", "bits", "milestones", "unit", "block_size", "stochastic_rounding", "min_numel",
+        "target_modules", "bits", "milestones", "unit", "block_size", "scale", "stochastic_rounding", "min_numel",
     )
     METHOD_SUMMARY: ClassVar[str] = (
         "StashQuant (DSQ, Yang et al. 2023): the target modules train fully while the activations saved for "
@@ -48,7 +48,12 @@ class StashQuantConfig(PeftQuantConfig):
         default=None, metadata={"help": "Raise the bits when the loss has not improved for this many reports."}
     )
     plateau_min_delta: float = field(default=0.0, metadata={"help": "Improvement that resets the plateau count."})
-    block_size: int = field(default=32, metadata={"help": "Values sharing one exponent: 16, 32 or 64."})
+    block_size: int = field(default=32, metadata={"help": "Values sharing one scale: 16, 32 or 64."})
+    scale: str = field(
+        default="bf16",
+        metadata={"help": "Per-block scale: 'bf16' (absmax scale, 16 bits per block) or 'e8m0' (power-of-two "
+                          "exponent, 8 bits per block, as OCP Microscaling's MXINT formats)."},
+    )
     stochastic_rounding: bool = field(default=False, metadata={"help": "Round mantissas stochastically (unbiased)."})
     min_numel: int = field(default=1024, metadata={"help": "Smaller saved tensors are kept unchanged."})
     modules_to_save: Optional[list[str]] = field(
@@ -67,14 +72,14 @@ class StashQuantConfig(PeftQuantConfig):
                 "peft_quant.enable_stash(peft_model, ...)."
             )
         self.target_modules = sorted(set(self.target_modules))
-        check_format(self.bits, self.block_size)
+        check_format(self.bits, self.block_size, self.scale)
         self.packer_settings()  # validates the schedule
 
     def packer_settings(self) -> dict[str, Any]:
         """Keyword arguments of :func:`peft_quant.enable_stash` equal to this config."""
         settings = dict(bits=self.bits, milestones=[tuple(m) for m in self.milestones], unit=self.unit,
                         plateau_patience=self.plateau_patience, plateau_min_delta=self.plateau_min_delta,
-                        block_size=self.block_size, stochastic_rounding=self.stochastic_rounding,
+                        block_size=self.block_size, scale=self.scale, stochastic_rounding=self.stochastic_rounding,
                         min_numel=self.min_numel)
         BitSchedule(initial_bits=self.bits, milestones=settings["milestones"], unit=self.unit)
         return settings

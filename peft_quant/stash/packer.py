@@ -7,7 +7,9 @@ sharing a parameter's storage), integer and bool tensors, small tensors, and eve
 untouched, and so are tensors at least 16 times smaller than the largest saved so far in the forward (softmax
 log-sum-exps, normalization statistics: backward exponentiates or divides by them, so their error would be
 amplified, and they are small). A tensor saved by several operations (the input shared by q, k and v) is packed
-once. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not packed
+once, and so is memory saved through several views (a hidden state saved as ``(batch, seq, width)`` by one op and
+as ``(batch·seq, width)`` or transposed by another): dense views are packed as their storage region and restored
+with their own shape and strides. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not packed
 again (the checkpoint keeps its own saved tensors).
 
 :class:`BitSchedule` gives the bit width as a function of training progress: milestones over steps or fractions of
@@ -17,14 +19,15 @@ the run, and optionally a loss-plateau trigger; it never decreases.
 from __future__ import annotations
 
 import bisect
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from .bfp import PackedBlocks, check_format, pack, unpack
+from ..kernels.stash import pack, unpack  # Triton kernels on CUDA, the reference (.bfp) elsewhere
+from .bfp import PackedBlocks, check_format
 
 PACKER_ATTRIBUTE = "_peft_quant_stash"
 
@@ -87,6 +90,29 @@ class BitSchedule:
         return self.bits
 
 
+@dataclass(frozen=True)
+class PackedSave:
+    """What the packer keeps for one saved tensor: a packed memory region, shared by every saved view of that memory,
+    and how this tensor lies in it (``unpack(region).as_strided(shape, stride)``)."""
+
+    region: PackedBlocks
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def restore(self) -> torch.Tensor:
+        return unpack(self.region).as_strided(self.shape, self.stride)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill a storage region exactly, each once (any order of dimensions)."""
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(tensor.shape, tensor.stride()) if n != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 class StashPacker:
     """Packs tensors saved for backward during ``module``'s forwards; counts what it holds."""
 
@@ -97,16 +123,18 @@ class StashPacker:
         block_size: int = 32,
         min_numel: int = 1024,
         stochastic_rounding: bool = False,
+        scale: str = "bf16",
     ) -> None:
-        check_format(schedule.initial_bits, block_size)
+        check_format(schedule.initial_bits, block_size, scale)
         self.schedule = schedule
         self.block_size = block_size
+        self.scale = scale
         self.min_numel = min_numel
         self.stochastic_rounding = stochastic_rounding
         self.module = module
         self._contexts: list[Any] = []
         self._param_storages: set[int] = set()
-        self._packed: dict[tuple, tuple[weakref.ref, PackedBlocks]] = {}  # this forward's packs, by tensor
+        self._packed: dict[tuple, tuple[StorageWeakRef, PackedBlocks]] = {}  # this forward's packs, by region
         self._largest = 0
         self.reset_stats()
         self._handles = [
@@ -164,21 +192,28 @@ class StashPacker:
         self._largest = max(self._largest, tensor.numel())
         if tensor.numel() * 16 <= self._largest:
             return tensor
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype, tensor._version)
+        storage = tensor.untyped_storage()
+        if _dense(tensor):  # pack the memory region; every dense view of it shares the packed copy
+            region = tensor.as_strided((tensor.numel(),), (1,))  # (numel,) in memory order
+            key = (storage.data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype, tensor._version)
+            shape, stride = tensor.shape, tensor.stride()
+        else:  # overlapping or gapped (expanded, sliced): packed on its own, restored contiguous
+            region = tensor
+            key = (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+                   tensor.dtype, tensor._version)
+            shape, stride = tensor.shape, torch.empty(0).new_empty(tensor.shape).stride()
         seen = self._packed.get(key)
-        if seen is not None and seen[0]() is tensor:
-            return seen[1]  # the same tensor saved again: share its packed copy
-        packed = pack(tensor, self.bits, self.block_size, self.stochastic_rounding)
-        self._packed[key] = (weakref.ref(tensor), packed)
-        self.packed_tensors += 1
-        self.original_bytes += tensor.numel() * tensor.element_size()
-        self.stored_bytes += packed.nbytes
-        return packed
+        if seen is None or seen[0].expired():  # an expired storage's address may have been reused: pack anew
+            packed = pack(region, self.bits, self.block_size, self.stochastic_rounding, scale=self.scale)
+            seen = self._packed[key] = (StorageWeakRef(storage), packed)
+            self.packed_tensors += 1
+            self.original_bytes += tensor.numel() * tensor.element_size()
+            self.stored_bytes += packed.nbytes
+        return PackedSave(seen[1], shape, stride)
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
-        return unpack(saved) if isinstance(saved, PackedBlocks) else saved
+        return saved.restore() if isinstance(saved, PackedSave) else saved
 
 
 def attach_packer(module: nn.Module, **settings: Any) -> StashPacker:
