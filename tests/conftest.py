@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # costs a ~20 s compile, the pure-Python one ~1 s on the tiny model.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+# Kernel tests run the Triton kernels in Triton's CPU interpreter when no GPU is there. Triton reads this when a kernel
+# module is imported, so it is set before any test imports one; ops in auto mode still take the PyTorch path on CPU.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 import pytest  # noqa: E402

@@ -14,10 +14,11 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ..kernels import qoft as qoft_kernels
 from ..quant_formats import dequantized_weight, quantization_backend, store_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QOFTConfig
-from .rotation import cayley_neumann, num_packed, rotate
+from .rotation import num_packed, rotate
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
         self.set_adapter(self.active_adapters)
 
     def rotation(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's rotation blocks ``(blocks, b, b)`` (one block when shared)."""
-        return cayley_neumann(
+        """The adapter's rotation blocks ``(blocks, b, b)`` (one block when shared); one Triton launch on GPUs."""
+        return qoft_kernels.cayley_neumann(
             self.qoft_Q[adapter_name], self.qoft_block_size[adapter_name], self.qoft_num_terms[adapter_name]
         )
 
@@ -105,7 +106,10 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
         for name in self.active_adapters:
             if name in self.qoft_Q:
                 blocks = self._training_blocks(name)
-                x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
+                if self._channel_dim == -1:  # Linear: the Triton kernel on GPUs, reading and writing x once
+                    x = qoft_kernels.rotate(x, blocks)
+                else:
+                    x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
         if x.requires_grad and not out.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(

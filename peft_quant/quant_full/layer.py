@@ -2,7 +2,9 @@
 
 Forward dequantizes and multiplies. Backward computes the input gradient as usual and hands the weight gradient
 straight to the layer's updater (set by :class:`~peft_quant.QuantFullOptimizer`), which applies a fused Lion step
-to the int8 state and drops the gradient: no weight gradient outlives its layer's backward.
+to the int8 state and drops the gradient: no weight gradient outlives its layer's backward. With the Triton kernels
+(:mod:`peft_quant.kernels.quant_full`) the weight is dequantized tile by tile inside the matmuls, and where the
+updater allows it the weight gradient is never written at all: one kernel computes it tile by tile and applies Lion.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from ..kernels.quant_full import int8_matmul
 from ..quant_formats import read_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QuantFullConfig
@@ -41,22 +43,25 @@ class ReleasedLinear(nn.Module):
 
 
 class _Int8Linear(torch.autograd.Function):
-    """``x Wᵀ`` with ``W`` dequantized from int8 state; backward feeds ``dL/dW`` to the layer's updater."""
+    """``x Wᵀ`` with ``W`` dequantized from int8 state; backward updates the weight through the layer's updater:
+    fused from ``(grad, x)`` where it can (:meth:`QuantFullLayer.update_from_activations`), else by handing it
+    ``dL/dW``. Both products run the int8 dequantize-matmul (:func:`~peft_quant.kernels.quant_full.int8_matmul`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, layer: "QuantFullLayer") -> torch.Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x)
-        return F.linear(x, layer.weight_of(x.dtype))
+        return int8_matmul(x, *layer.int8_weight())
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = grad @ layer.weight_of(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = int8_matmul(grad, *layer.int8_weight(), transpose_weight=False) if ctx.needs_input_grad[0] else None
         with torch.autocast(grad.device.type, enabled=False):  # the weight gradient in float32, even under autocast
-            grad_w = grad.reshape(-1, grad.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()
-        layer.consume_gradient(grad_w)
+            grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (tokens, out), (tokens, in)
+            if not layer.update_from_activations(grad_2d, x_2d):
+                layer.consume_gradient(grad_2d.T.float() @ x_2d.float())
         return grad_x, None, None
 
 
@@ -121,9 +126,23 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
 
     def weight_of(self, dtype: torch.dtype = torch.float32, adapter_name: Optional[str] = None) -> torch.Tensor:
         """The current float weight ``(out, in)``, dequantized from the int8 state."""
+        return dequantize_weight(*self.int8_weight(adapter_name), dtype)
+
+    def int8_weight(
+        self, adapter_name: Optional[str] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[int]]:
+        """The int8 state ``(codes, scale, outlier_index, outlier_value, group_size)``, as the kernels take it."""
         name = adapter_name or self.adapter
-        return dequantize_weight(self.qf_codes[name], self.qf_scale[name], self.qf_outlier_index[name],
-                                 self.qf_outlier_value[name], self.qf_group_size[name], dtype)
+        return (self.qf_codes[name], self.qf_scale[name], self.qf_outlier_index[name], self.qf_outlier_value[name],
+                self.qf_group_size[name])
+
+    def update_from_activations(self, grad_output: torch.Tensor, x: torch.Tensor) -> bool:
+        """Offer the updater this backward's ``grad_output (tokens, out)`` and ``x (tokens, in)`` for a fused update
+        that never materialises the weight gradient. True: it updated (or skipped) the weights; False: it cannot fuse
+        (an updater without ``update_from_activations``, or one that declines), so the caller computes ``dL/dW`` and
+        calls :meth:`consume_gradient`."""
+        fused = getattr(self.updater, "update_from_activations", None)
+        return fused is not None and fused(self, grad_output, x)
 
     def consume_gradient(self, grad_weight: torch.Tensor) -> None:
         """Hand the weight gradient to the optimizer's fused step (called from backward)."""

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..kernels.quant_full import fused_step_supported, lion_step_from_activations_
 from .int8_state import LionHyper, lion_step_
 from .layer import QuantFullLayer
 
@@ -39,6 +40,13 @@ class QuantFullOptimizer(torch.optim.Optimizer):
 
     A weight gradient with NaN or Inf is never applied: that layer's update is skipped, counted in
     ``skipped_updates`` and logged.
+
+    Where the Triton kernels run (CUDA tensors, or ``PEFT_QUANT_KERNELS=triton``) and the update is immediate (no
+    gradient accumulation, no clipping: both need the whole weight gradient), a layer's update is fused into the
+    kernel that computes its weight gradient, which then never exists in memory; the momentum block size must be a
+    power of two up to 1024 dividing the layer's input width, otherwise that layer takes the reference path. The
+    fused path cannot inspect the gradient before applying it, so it skips (and counts) the update when the layer's
+    output gradient or input holds a NaN or Inf, the inputs that make the weight gradient non-finite.
     """
 
     def __init__(
@@ -76,7 +84,7 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self._layers = layers
         self._index = {id(layer): i for i, layer in enumerate(layers)}
         for layer in layers:
-            layer.updater = self._fused_step
+            layer.updater = _Int8Updater(self)
         self.register_load_state_dict_post_hook(QuantFullOptimizer._restore_int8)
 
     @staticmethod
@@ -94,17 +102,53 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         norm = grad.norm()
         return grad * (self.max_grad_norm / norm) if norm > self.max_grad_norm else grad
 
+    def _layer_state(self, layer: QuantFullLayer) -> dict:
+        """The layer's optimizer state: step count and int8 momentum (zero at the first step)."""
+        state = self.state[layer.qf_anchor[layer.adapter]]
+        if not state:
+            codes = layer.qf_codes[layer.adapter]
+            blocks = -(-codes.numel() // self.momentum_block_size)
+            state["step"] = 0
+            state["momentum_codes"] = torch.zeros(codes.numel(), dtype=torch.int8, device=codes.device)
+            state["momentum_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=codes.device)
+        return state
+
+    def _hyper(self) -> LionHyper:
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        return LionHyper(group["lr"], beta1, beta2, group["weight_decay"])
+
+    def _seed(self, layer: QuantFullLayer, state: dict) -> int:
+        """Stochastic rounding's seed for this layer and step."""
+        return hash((self.seed, self._index[id(layer)], state["step"])) & (2**63 - 1)
+
+    def _skip(self, layer: QuantFullLayer) -> None:
+        self.skipped_updates += 1
+        logger.warning("QuantFull: skipped the update of a layer (%d x %d) whose gradient has NaN or Inf.",
+                       layer.out_features, layer.in_features)
+
+    def _step_from_activations(self, layer: QuantFullLayer, grad_output: torch.Tensor, x: torch.Tensor) -> bool:
+        """The fused update from ``grad_output (tokens, out)`` and ``x (tokens, in)``, when it applies (see the class
+        doc); False leaves the layer to the reference path (:meth:`_fused_step` with the weight gradient)."""
+        codes, scale, index, value, group_size = layer.int8_weight()
+        if self.gradient_accumulation_steps > 1 or self.max_grad_norm is not None:
+            return False
+        if not fused_step_supported(grad_output, x, codes, self.momentum_block_size):
+            return False
+        state = self._layer_state(layer)
+        if not (torch.isfinite(grad_output).all() and torch.isfinite(x).all()):
+            self._skip(layer)
+            return True
+        lion_step_from_activations_(
+            grad_output, x, codes, scale, index, value, state["momentum_codes"], state["momentum_absmax"],
+            self._hyper(), group_size, self.momentum_block_size, layer.stochastic_rounding, self._seed(layer, state),
+        )
+        state["step"] += 1
+        return True
+
     def _fused_step(self, layer: QuantFullLayer, grad: torch.Tensor) -> None:
         """Lion on one layer's int8 state, from inside its backward."""
-        name = layer.adapter
-        anchor = layer.qf_anchor[name]
-        state = self.state[anchor]
-        if not state:
-            numel = grad.numel()
-            blocks = -(-numel // self.momentum_block_size)
-            state["step"] = 0
-            state["momentum_codes"] = torch.zeros(numel, dtype=torch.int8, device=grad.device)
-            state["momentum_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        state = self._layer_state(layer)
         if self.gradient_accumulation_steps > 1:
             if "grad_accum" in state:
                 state["grad_accum"].add_(grad)
@@ -118,24 +162,18 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self._apply(layer, state, grad)
 
     def _apply(self, layer: QuantFullLayer, state: dict, grad: torch.Tensor) -> None:
-        name = layer.adapter
         if not torch.isfinite(grad).all():
-            self.skipped_updates += 1
-            logger.warning("QuantFull: skipped the update of a layer (%d x %d) whose gradient has NaN or Inf.",
-                           layer.out_features, layer.in_features)
+            self._skip(layer)
             return
-        group = self.param_groups[0]
-        beta1, beta2 = group["betas"]
         generator = None
         if layer.stochastic_rounding:
             generator = torch.Generator(device=grad.device)
-            generator.manual_seed(hash((self.seed, self._index[id(layer)], state["step"])) & (2**63 - 1))
+            generator.manual_seed(self._seed(layer, state))
+        codes, scale, index, value, group_size = layer.int8_weight()
         with torch.no_grad():
             lion_step_(
-                layer.qf_codes[name], layer.qf_scale[name], layer.qf_outlier_index[name], layer.qf_outlier_value[name],
-                state["momentum_codes"], state["momentum_absmax"], self._clip(grad),
-                LionHyper(group["lr"], beta1, beta2, group["weight_decay"]),
-                layer.qf_group_size[name], self.momentum_block_size, layer.stochastic_rounding, generator,
+                codes, scale, index, value, state["momentum_codes"], state["momentum_absmax"], self._clip(grad),
+                self._hyper(), group_size, self.momentum_block_size, layer.stochastic_rounding, generator,
             )
         state["step"] += 1
 
@@ -174,3 +212,18 @@ class QuantFullOptimizer(torch.optim.Optimizer):
             if state and "grad_accum" in state:
                 state["micro_steps"] = 0
                 self._apply(layer, state, state.pop("grad_accum"))
+
+
+class _Int8Updater:
+    """The optimizer's hook on each QuantFull layer: called with a weight gradient (the reference path), or asked to
+    update straight from the layer's output gradient and input, fused (:meth:`QuantFullLayer.update_from_activations`).
+    An updater a user installs in its place (a plain callable) always gets the weight gradient."""
+
+    def __init__(self, optimizer: QuantFullOptimizer) -> None:
+        self.optimizer = optimizer
+
+    def __call__(self, layer: QuantFullLayer, grad: torch.Tensor) -> None:
+        self.optimizer._fused_step(layer, grad)
+
+    def update_from_activations(self, layer: QuantFullLayer, grad_output: torch.Tensor, x: torch.Tensor) -> bool:
+        return self.optimizer._step_from_activations(layer, grad_output, x)
