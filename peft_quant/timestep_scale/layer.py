@@ -1,9 +1,14 @@
 """The TimestepScale tuner layer: per-sample, per-expert channel scales around an untouched (quantized) layer.
 
-``forward(x) = s_out[k] ⊙ (base(s_in[k] ⊙ x) - b) + b`` with ``k`` each sample's timestep expert, so the base
-layer's own kernel runs on the scaled input and no float copy of its weight is ever made. One class serves
-every base (float, peft-quant int, bitsandbytes, GPTQ; Linear or Conv2d): only merging touches the weight,
-through :mod:`peft_quant.quant_formats`.
+``forward(x) = s_out[k] ⊙ (base(s_in[k] ⊙ x) - b) + b`` with ``k`` each sample's timestep expert (computed as
+``out ⊙ s_out + b ⊙ (1 − s_out)``, which gives the base layer's output bit for bit at init), so the base layer's own
+kernel runs on the scaled input and no float copy of its weight is ever made. One class serves every base (float,
+peft-quant int, bitsandbytes, GPTQ; Linear or Conv2d): only merging touches the weight, through
+:mod:`peft_quant.quant_formats`.
+
+Both scalings go through :mod:`peft_quant.kernels.timestep_scale` (a Triton kernel on CUDA, the plain PyTorch
+gather-and-multiply elsewhere); with the kernels on, one adapter on peft-quant's own ``IntLinear`` runs as a single
+dequantize-matmul kernel with both scalings and the bias fused.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ..int_quant import IntLinear
+from ..kernels.backend import use_triton
+from ..kernels.timestep_scale import int_linear, scale_channels
 from ..quant_formats import dequantized_weight, fold_output_scale, store_weight
 from ..tuner_base import PeftQuantLayer
 from .config import TimestepScaleConfig
@@ -69,42 +77,47 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
     def _channel_dim(self) -> int:
         return 1 if self.base_format.layer_type == "conv2d" else -1
 
-    def _scales(self, table: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The scales each sample of ``x`` uses, shaped to broadcast along its channel dimension."""
+    def _experts(self, table: torch.Tensor, name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[int]]:
+        """``(per-sample expert indices, the single expert or None)`` of adapter ``name`` for the batch ``x``, on
+        ``table``'s device."""
         index, single = self.router.experts(self.ts_boundaries[name], table.device)
-        if single is not None:
-            scales = table[single]  # (channels,)
-            return scales.view(-1, 1, 1) if self._channel_dim == 1 else scales
-        if x.shape[0] != index.shape[0]:
+        if single is None and x.shape[0] != index.shape[0]:
             raise RoutingError(
                 f"A TimestepScale layer ({self.base_format.label}) got a batch of {x.shape[0]} while the denoiser's "
                 f"timesteps are for {index.shape[0]} samples, with different experts. Layers that fold samples into "
                 "other dimensions cannot be routed per sample: exclude them from target_modules."
             )
-        scales = table[index]  # (batch, channels)
-        if self._channel_dim == 1:
-            return scales.view(*scales.shape, *([1] * (x.dim() - 2)))
-        return scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
+        return index, single
+
+    def _fused(self, active: list[str], x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """One adapter on an :class:`IntLinear` with the Triton kernels on: the whole forward in one dequantize-matmul
+        kernel (``None`` otherwise)."""
+        base = self.base_layer
+        if len(active) != 1 or args or kwargs or not isinstance(base, IntLinear) or not use_triton(x, base.qweight):
+            return None
+        table_in, table_out = self.ts_scale_in.get(active[0]), self.ts_scale_out.get(active[0])
+        experts = self._experts(table_in if table_in is not None else table_out, active[0], x)
+        return int_linear(x, base, base.bias, table_in, table_out, experts)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         inactive = self._inactive_forward(x, *args, **kwargs)
         if inactive is not None:
             return inactive
         active = [name for name in self.active_adapters if name in self.ts_boundaries]
+        fused = self._fused(active, x, args, kwargs)
+        if fused is not None:
+            return fused
         for name in active:
             if name in self.ts_scale_in:
-                x = x * self._scales(self.ts_scale_in[name], name, x).to(x.dtype)
+                table = self.ts_scale_in[name]
+                x = scale_channels(x, table, self._experts(table, name, x), self._channel_dim)
         out = self.base_layer(x, *args, **kwargs)
-        out_scales = [self._scales(self.ts_scale_out[n], n, out) for n in active if n in self.ts_scale_out]
-        if not out_scales:
-            return out
         bias = getattr(self.get_base_layer(), "bias", None)
-        bias = None if bias is None else (bias.view(-1, 1, 1) if self._channel_dim == 1 else bias).to(out.dtype)
-        if bias is not None:
-            out = out - bias
-        for scales in out_scales:
-            out = out * scales.to(out.dtype)
-        return out if bias is None else out + bias
+        for name in active:  # out ⊙ s + b ⊙ (1 − s) = (out − b) ⊙ s + b: the frozen bias stays unscaled
+            if name in self.ts_scale_out:
+                table = self.ts_scale_out[name]
+                out = scale_channels(out, table, self._experts(table, name, out), self._channel_dim, bias)
+        return out
 
     # ---- merging -------------------------------------------------------------------------------------------------
 
