@@ -41,3 +41,18 @@ def copy_bandwidth_gbps(numel: int = 1 << 28) -> float:
     dst = torch.empty_like(src)
     median, _, _ = time_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (median * 1e-3) / 1e9
+
+
+def with_grads(forward: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
+               grad_out: torch.Tensor) -> Callable[[], object]:
+    """A closure running ``forward()`` and backward to every tensor of ``inputs`` (no ``.grad`` accumulation)."""
+    return lambda: torch.autograd.grad(forward(), inputs, grad_out)
+
+
+def no_grad(forward: Callable[[], object]) -> Callable[[], object]:
+    """A closure running ``forward()`` without autograd."""
+    def run():
+        with torch.no_grad():
+            return forward()
+
+    return run

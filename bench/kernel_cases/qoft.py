@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from .common import Case
+from .common import Case, no_grad, with_grads
 
 TOKENS = 8192
 NEUMANN_TERMS = 5
@@ -34,19 +34,6 @@ def _peft_einsum(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """PEFT's OFT rotation of ``x`` given its blocks, op for op as ``OFTRotationModule.forward`` does it."""
     rotated = torch.einsum("...rk,rkc->...rc", x.to(blocks.dtype).reshape(*x.shape[:-1], *blocks.shape[:2]), blocks)
     return rotated.reshape(x.shape).to(x.dtype)
-
-
-def _with_grads(forward, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
-    """A closure running ``forward()`` and backward to every tensor of ``inputs`` (no ``.grad`` accumulation)."""
-    return lambda: torch.autograd.grad(forward(), inputs, grad_out)
-
-
-def _no_grad(forward):
-    def run():
-        with torch.no_grad():
-            return forward()
-
-    return run
 
 
 def _shape_cases(width: int, b: int) -> list[Case]:
@@ -88,20 +75,20 @@ def _shape_cases(width: int, b: int) -> list[Case]:
 
     anchor = "peft OFT"
     return [
-        Case("qoft build R", shape, _no_grad(ours_build), _no_grad(reference_build), _no_grad(anchor_build),
+        Case("qoft build R", shape, no_grad(ours_build), no_grad(reference_build), no_grad(anchor_build),
              f"{anchor} _cayley_batch"),
-        Case("qoft build R fwd+bwd", shape, _with_grads(ours_build, (packed,), grad_blocks),
-             _with_grads(reference_build, (packed,), grad_blocks),
-             _with_grads(anchor_build, (peft_module.weight,), grad_blocks), f"{anchor} _cayley_batch"),
-        Case("qoft rotate", shape, _no_grad(ours_rotate), _no_grad(reference_rotate),
-             _no_grad(lambda: _peft_einsum(x, blocks)), f"{anchor} einsum", bytes_moved=activation_bytes),
-        Case("qoft rotate fwd+bwd", shape, _with_grads(ours_rotate, (x, blocks), grad_out),
-             _with_grads(reference_rotate, (x, blocks), grad_out),
-             _with_grads(lambda: _peft_einsum(x, blocks), (x, blocks), grad_out), f"{anchor} einsum",
+        Case("qoft build R fwd+bwd", shape, with_grads(ours_build, (packed,), grad_blocks),
+             with_grads(reference_build, (packed,), grad_blocks),
+             with_grads(anchor_build, (peft_module.weight,), grad_blocks), f"{anchor} _cayley_batch"),
+        Case("qoft rotate", shape, no_grad(ours_rotate), no_grad(reference_rotate),
+             no_grad(lambda: _peft_einsum(x, blocks)), f"{anchor} einsum", bytes_moved=activation_bytes),
+        Case("qoft rotate fwd+bwd", shape, with_grads(ours_rotate, (x, blocks), grad_out),
+             with_grads(reference_rotate, (x, blocks), grad_out),
+             with_grads(lambda: _peft_einsum(x, blocks), (x, blocks), grad_out), f"{anchor} einsum",
              bytes_moved=activation_bytes + backward_bytes),
-        Case("qoft adapter (build + rotate) fwd+bwd", shape, _with_grads(ours_adapter, (x, packed), grad_out),
-             _with_grads(reference_adapter, (x, packed), grad_out),
-             _with_grads(lambda: peft_module(x), (x, peft_module.weight), grad_out), f"{anchor} OFTRotationModule",
+        Case("qoft adapter (build + rotate) fwd+bwd", shape, with_grads(ours_adapter, (x, packed), grad_out),
+             with_grads(reference_adapter, (x, packed), grad_out),
+             with_grads(lambda: peft_module(x), (x, peft_module.weight), grad_out), f"{anchor} OFTRotationModule",
              bytes_moved=activation_bytes + backward_bytes),
     ]
 

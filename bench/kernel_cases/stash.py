@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernel_cases.common import Case
+from .common import Case
 from peft_quant.kernels import stash_triton
 from peft_quant.stash import bfp
 

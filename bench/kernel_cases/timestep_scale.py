@@ -17,26 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Case
+from .common import Case, no_grad, with_grads
 
 BATCH = 8
 EXPERTS = 2
 DTYPE = torch.bfloat16
 SCALE_SHAPES = [((BATCH, 4096, 1280), -1), ((BATCH, 320, 64, 64), 1)]  # (x shape, channel dim)
 MATMUL_SHAPES = [(4096, 1280, 1280), (4096, 4096, 4096)]  # (tokens, in, out); quick runs the first
-
-
-def _with_grads(forward, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
-    """A closure running ``forward()`` and backward to every tensor of ``inputs`` (no ``.grad`` accumulation)."""
-    return lambda: torch.autograd.grad(forward(), inputs, grad_out)
-
-
-def _no_grad(forward):
-    def run():
-        with torch.no_grad():
-            return forward()
-
-    return run
 
 
 def _experts() -> tuple[torch.Tensor, None]:
@@ -70,10 +57,10 @@ def _scale_cases(shape: tuple[int, ...], channel_dim: int) -> list[Case]:
 
     element = x.element_size()
     return [
-        Case("timestep_scale scale fwd", label, _no_grad(ours), _no_grad(reference), _no_grad(anchor),
+        Case("timestep_scale scale fwd", label, no_grad(ours), no_grad(reference), no_grad(anchor),
              "eager gather-multiply", bytes_moved=2 * x.numel() * element),
-        Case("timestep_scale scale fwd+bwd", label, _with_grads(ours, (x, table), grad_out),
-             _with_grads(reference, (x, table), grad_out), _with_grads(anchor, (x, table), grad_out),
+        Case("timestep_scale scale fwd+bwd", label, with_grads(ours, (x, table), grad_out),
+             with_grads(reference, (x, table), grad_out), with_grads(anchor, (x, table), grad_out),
              "eager gather-multiply", bytes_moved=5 * x.numel() * element,
              notes="forward reads x, writes y; backward reads x and grad, writes grad_x"),
     ]
@@ -116,7 +103,7 @@ def _matmul_cases(tokens: int, in_features: int, out_features: int, bits: int) -
             return out * table_out[index].to(DTYPE) + linear.bias
 
         op = "timestep_scale int-linear" + (" +scales+bias" if scaled else "")
-        cases.append(Case(op, shape, _no_grad(ours), _no_grad(reference), _no_grad(anchor),
+        cases.append(Case(op, shape, no_grad(ours), no_grad(reference), no_grad(anchor),
                           "bnb nf4 dequantize + F.linear", notes="forward; bf16; per-output-channel RTN codes"))
     return cases
 
