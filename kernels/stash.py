@@ -29,10 +29,10 @@ def _seed(generator: Optional[torch.Generator]) -> int:
 
 def pack(
     x: torch.Tensor, bits: int, block_size: int = 32, stochastic: bool = False,
-    generator: Optional[torch.Generator] = None, scale: str = "bf16",
+    generator: Optional[torch.Generator] = None, scale: str = "auto",
 ) -> PackedBlocks:
     """Compress a floating tensor to block floating point (see :func:`peft_quant.stash.bfp.pack`)."""
-    check_format(bits, block_size, scale)
+    scale = check_format(bits, block_size, scale)
     if bits <= MAX_BITS and x.dtype in KERNEL_DTYPES and use_triton(x):
         from . import stash_triton
 

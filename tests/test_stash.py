@@ -57,6 +57,13 @@ def test_stochastic_rounding_is_unbiased(scale):
     assert not torch.allclose(unpack(pack(x, 3, 16, scale=scale)), x, atol=0.05)  # nearest rounding is biased here
 
 
+def test_auto_scale_is_mxint8_at_8_bits_and_bfloat16_below():
+    x = torch.randn(256)
+    assert pack(x, 8, 32).scales.dtype == torch.int8 and pack(x, 8, 32).nbytes == 256 + 8  # MXINT8: 8.25 bits
+    assert pack(x, 4, 32).scales.dtype == torch.bfloat16 and pack(x, 4, 32).nbytes == 128 + 16  # 4.5 bits
+    assert torch.equal(pack(x, 8, 32).mantissas, pack(x, 8, 32, scale="e8m0").mantissas)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_unpack_restores_shape_dtype_and_values_of_views(dtype):
     x = torch.randn(6, 10, 12).to(dtype).transpose(0, 2)  # non-contiguous
@@ -72,7 +79,7 @@ def test_bad_inputs():
         StashQuantConfig(target_modules=["0"], bits=12)
     with pytest.raises(ValueError, match="power of two in \\(16, 32, 64\\)"):
         StashQuantConfig(target_modules=["0"], block_size=24)
-    with pytest.raises(ValueError, match="scale must be one of \\('bf16', 'e8m0'\\)"):
+    with pytest.raises(ValueError, match="scale must be one of \\('auto', 'bf16', 'e8m0'\\)"):
         StashQuantConfig(target_modules=["0"], scale="fp8")
     with pytest.raises(ValueError, match="rise monotonically"):
         StashQuantConfig(target_modules=["0"], bits=6, milestones=[[0.5, 4]])

@@ -50,9 +50,10 @@ class StashQuantConfig(PeftQuantConfig):
     plateau_min_delta: float = field(default=0.0, metadata={"help": "Improvement that resets the plateau count."})
     block_size: int = field(default=32, metadata={"help": "Values sharing one scale: 16, 32 or 64."})
     scale: str = field(
-        default="bf16",
-        metadata={"help": "Per-block scale: 'bf16' (absmax scale, 16 bits per block) or 'e8m0' (power-of-two "
-                          "exponent, 8 bits per block, as OCP Microscaling's MXINT formats)."},
+        default="auto",
+        metadata={"help": "Per-block scale: 'bf16' (absmax scale, 16 bits per block), 'e8m0' (power-of-two exponent, "
+                          "8 bits per block, as OCP Microscaling's MXINT formats) or 'auto' (e8m0 at 8 bits: MXINT8; "
+                          "bf16 below)."},
     )
     stochastic_rounding: bool = field(default=False, metadata={"help": "Round mantissas stochastically (unbiased)."})
     min_numel: int = field(default=1024, metadata={"help": "Smaller saved tensors are kept unchanged."})

@@ -123,7 +123,7 @@ class StashPacker:
         block_size: int = 32,
         min_numel: int = 1024,
         stochastic_rounding: bool = False,
-        scale: str = "bf16",
+        scale: str = "auto",
     ) -> None:
         check_format(schedule.initial_bits, block_size, scale)
         self.schedule = schedule
