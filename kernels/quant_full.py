@@ -35,8 +35,8 @@ def int8_matmul(
     transpose_weight: bool = True,
 ) -> torch.Tensor:
     """``a Wᵀ`` (``transpose_weight``, a Linear's forward) or ``a W`` (its input gradient), with
-    ``W = dequantize_weight(...)`` of shape ``(out, in)``; ``a`` is ``(..., in)`` or ``(..., out)``; the result has ``a``'s dtype (under autocast:
-    the autocast dtype, as ``F.linear`` gives)."""
+    ``W = dequantize_weight(...)`` of shape ``(out, in)``; ``a`` is ``(..., in)`` or ``(..., out)``; the result has
+    ``a``'s dtype (under autocast: the autocast dtype, as ``F.linear`` gives)."""
     if use_triton(a, codes):
         from . import quant_full_triton
 

@@ -32,7 +32,8 @@ def _pack_into(x, bits, block_size, scale, sentinel: int, stochastic=False, seed
     """The kernel's stream and scales, written into buffers pre-filled with ``sentinel`` bytes / poisoned scales."""
     blocks = -(-x.numel() // block_size)
     stream = torch.full((blocks * block_size * bits // 8,), sentinel, dtype=torch.uint8, device=DEVICE)
-    scales = poisoned((blocks,), torch.int8 if scale == "e8m0" else torch.bfloat16)  # NaN, or −128 (not an exponent the format uses)
+    # NaN, or −128 (not an exponent the format uses)
+    scales = poisoned((blocks,), torch.int8 if scale == "e8m0" else torch.bfloat16)
     return stash_triton.pack(x, bits, block_size, scale, stochastic, seed, mantissas=stream, scales=scales)
 
 

@@ -9,8 +9,8 @@ log-sum-exps, normalization statistics: backward exponentiates or divides by the
 amplified, and they are small). A tensor saved by several operations (the input shared by q, k and v) is packed
 once, and so is memory saved through several views (a hidden state saved as ``(batch, seq, width)`` by one op and
 as ``(batch·seq, width)`` or transposed by another): dense views are packed as their storage region and restored
-with their own shape and strides. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not packed
-again (the checkpoint keeps its own saved tensors).
+with their own shape and strides. Backward runs outside the forward, so segments that gradient checkpointing
+recomputes are not packed again (the checkpoint keeps its own saved tensors).
 
 :class:`BitSchedule` gives the bit width as a function of training progress: milestones over steps or fractions of
 the run, and optionally a loss-plateau trigger; it never decreases.
