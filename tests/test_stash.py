@@ -292,7 +292,7 @@ def test_a_tensor_saved_by_several_operations_is_packed_once_and_statistics_are_
 def test_views_of_one_memory_region_are_packed_once_and_restored_with_their_strides():
     """A hidden state saved as (batch, seq, width) by tanh, as (batch·seq, width) by a matmul and transposed by a
     bmm is one packed region; each view comes back with its own shape and strides (wrong strides would scramble the
-    gradients far beyond the 8-bit error)."""
+    gradients far beyond the 8-bit error). A view with gaps is packed on its own and comes back contiguous."""
 
     class Views(nn.Module):
         def __init__(self):
@@ -300,18 +300,21 @@ def test_views_of_one_memory_region_are_packed_once_and_restored_with_their_stri
             generator = torch.Generator().manual_seed(1)
             self.weight = nn.Parameter(torch.randn(64, 48, dtype=torch.float64, generator=generator) / 8)
             self.other = nn.Parameter(torch.randn(4, 16, 5, dtype=torch.float64, generator=generator))
+            self.every_other = nn.Parameter(torch.randn(32, dtype=torch.float64, generator=generator))
 
         def forward(self, x):
             h = torch.tanh(x)  # saves h (4, 16, 64)
             flat = h.reshape(-1, 64) @ self.weight  # saves the (64, 64) view of h
             mixed = torch.bmm(h.transpose(1, 2), self.other)  # saves the transposed view of h
-            return (flat.sum(dim=0) * torch.arange(48.0)).sum() + mixed.sum()
+            gapped = h[..., ::2] * self.every_other  # saves a view with gaps: packed on its own
+            return (flat.sum(dim=0) * torch.arange(48.0)).sum() + mixed.sum() + gapped.square().sum()
 
     x = torch.randn(4, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     exact_model, model = Views(), Views()
     exact = torch.autograd.grad(exact_model(x), [x, *exact_model.parameters()])
     packer = enable_stash(model, bits=8)
     compressed = torch.autograd.grad(model(x), [x, *model.parameters()])
-    assert packer.packed_tensors == 1 and packer.original_bytes == x.numel() * 8  # h, once
+    assert packer.packed_tensors == 3  # h once (three dense views), its gapped view, gapped
+    assert packer.original_bytes == (x.numel() + 2 * x.numel() // 2) * 8
     for got, want in zip(compressed, exact):
         assert float((got - want).norm() / want.norm()) < 0.02

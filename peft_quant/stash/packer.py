@@ -97,10 +97,11 @@ class PackedSave:
 
     region: PackedBlocks
     shape: torch.Size
-    stride: tuple[int, ...]
+    stride: Optional[tuple[int, ...]]  # None: the region unpacks to this tensor itself (contiguous)
 
     def restore(self) -> torch.Tensor:
-        return unpack(self.region).as_strided(self.shape, self.stride)
+        restored = unpack(self.region)
+        return restored if self.stride is None else restored.as_strided(self.shape, self.stride)
 
 
 def _dense(tensor: torch.Tensor) -> bool:
@@ -201,7 +202,7 @@ class StashPacker:
             region = tensor
             key = (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
                    tensor.dtype, tensor._version)
-            shape, stride = tensor.shape, torch.empty(0).new_empty(tensor.shape).stride()
+            shape, stride = tensor.shape, None
         seen = self._packed.get(key)
         if seen is None or seen[0].expired():  # an expired storage's address may have been reused: pack anew
             packed = pack(region, self.bits, self.block_size, self.stochastic_rounding, scale=self.scale)
