@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.backend import use_triton
 from .kernels.timestep_scale import int_linear
 
 SUPPORTED_BITS = (4, 8)
@@ -124,8 +123,8 @@ class _DequantOp(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, layer: IntQuantized) -> torch.Tensor:
         ctx.layer = layer
         ctx.input_shape = x.shape
-        if isinstance(layer, IntLinear) and use_triton(x, layer.qweight):
-            return int_linear(x, layer)  # one Triton kernel, the codes dequantized tile by tile in registers
+        if isinstance(layer, IntLinear):  # one Triton kernel on CUDA (codes dequantized in registers), else _op's math
+            return int_linear(x, layer)
         return layer._op(x, layer.dequantize(x.dtype))
 
     @staticmethod
