@@ -1,8 +1,8 @@
 """QOFT's ops with a Triton kernel each: rotation blocks from packed parameters, and rotating activations.
 
 Each entry point runs the Triton kernel (:mod:`.qoft_triton`, imported only then) when :func:`.backend.use_triton`
-says so and the kernel covers the case (float32/float16/bfloat16, blocks up to :data:`MAX_BLOCK` wide), and the
-reference of :mod:`peft_quant.qoft.rotation` otherwise, so CPU results are those of the reference bit for bit.
+says so and the kernel covers the case (float32/float16/bfloat16; blocks up to :data:`BUILD_MAX_BLOCK` wide for the
+builder, :data:`MAX_BLOCK` for the rotation), and the reference of :mod:`peft_quant.qoft.rotation` otherwise, so CPU results are those of the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ import torch
 from ..qoft import rotation as reference
 from .backend import use_triton
 
-MAX_BLOCK = 64  # widest rotation block the kernels handle (their tiles pad it to a power of two ≥ 16)
+MAX_BLOCK = 64  # widest block the rotation kernels handle (their tiles pad it to a power of two ≥ 16)
+BUILD_MAX_BLOCK = 32  # widest block the builder handles: its backward holds five b × b float32 matrices, which at
+# b = 64 spill tens of KiB of registers per thread (tests/compile_kernels.py); torch's batched matmuls do better there
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _covered(block_size: int, *tensors: torch.Tensor) -> bool:
-    return block_size <= MAX_BLOCK and all(t.dtype in KERNEL_DTYPES for t in tensors)
+def _covered(block_size: int, widest: int, *tensors: torch.Tensor) -> bool:
+    return block_size <= widest and all(t.dtype in KERNEL_DTYPES for t in tensors)
 
 
 def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> torch.Tensor:
     """Rotation blocks ``(n, b, b)`` from packed skew parameters ``(n, b(b-1)/2)`` (see the reference
     :func:`peft_quant.qoft.rotation.cayley_neumann`); differentiable in ``packed``."""
-    if _covered(block_size, packed) and use_triton(packed):
+    if _covered(block_size, BUILD_MAX_BLOCK, packed) and use_triton(packed):
         from . import qoft_triton
 
         return qoft_triton.CayleyNeumann.apply(packed, block_size, num_terms)
@@ -39,7 +41,7 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     n, b = blocks.shape[0], blocks.shape[-1]
     if x.shape[-1] % b or n not in (1, x.shape[-1] // b):
         raise ValueError(f"{n} rotation blocks of width {b} do not fit an input of width {x.shape[-1]}.")
-    if _covered(b, x, blocks) and use_triton(x, blocks):
+    if _covered(b, MAX_BLOCK, x, blocks) and use_triton(x, blocks):
         from . import qoft_triton
 
         return qoft_triton.Rotate.apply(x, blocks)

@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 # Products of float32 values on tensor cores split into three tf32 products (≈ float32 accuracy): the rotation then
-# stays memory-bound; plain float32 FMAs ("ieee") would make it compute-bound at b = 32. The builder works on tiny
-# b × b blocks, where "ieee" costs nothing.
-ROTATE_PRECISION = "tf32x3"
-BUILD_PRECISION = "ieee"
+# stays memory-bound; plain float32 FMAs ("ieee") would make it compute-bound at b = 32. The builder too: with "ieee"
+# its b × b products spill registers from b = 32 on (tests/compile_kernels.py prints ptxas's figures).
+ROTATE_PRECISION = tl.constexpr("tf32x3")
+BUILD_PRECISION = tl.constexpr("tf32x3")
 TARGET_PROGRAMS = 1024  # backward: about one wave of programs on a large GPU, each reducing a chunk of tokens
 
 
@@ -28,9 +28,14 @@ def padded(block_size: int) -> int:
     return max(16, triton.next_power_of_2(block_size))
 
 
-def token_tile(block_size: int) -> int:
-    """Tokens per tile of the rotation kernels: a ``tile × padded(b)`` slab of activations per program step."""
-    return 128 if padded(block_size) <= 32 else 64
+def rotate_tiles(block_size: int, backward: bool) -> tuple[int, int]:
+    """``(tokens per tile, warps)`` of the rotation kernels: a ``tile × padded(b)`` slab of activations per program
+    step. Chosen so that ptxas reports no register spills on sm_80 or sm_90 (tests/compile_kernels.py): the backward
+    holds four such slabs and a ``b × b`` accumulator, so its tiles are shorter."""
+    wide = padded(block_size) >= 64
+    if backward:
+        return 32, 8 if wide else 4
+    return (32 if wide else 128), 8
 
 
 # ---- building R ----------------------------------------------------------------------------------------------------
@@ -189,12 +194,13 @@ def rotate_forward(x: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | No
     x2 = _rows(x)  # (tokens, width)
     tokens, width = x2.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    block_t = block_t or token_tile(b)
+    tile, warps = rotate_tiles(b, backward=False)
+    block_t = block_t or tile
     n_width_blocks = width // b
     grid = (n_width_blocks * triton.cdiv(tokens, block_t),)
     if tokens:
         _rotate_kernel[grid](x2, blocks, out, tokens, x2.stride(0), width, b, 0 if blocks.shape[0] == 1 else b * b,
-                             n_width_blocks, block_t, padded(b))
+                             n_width_blocks, block_t, padded(b), num_warps=warps)
     return out
 
 
@@ -209,7 +215,8 @@ def rotate_backward(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tenso
     x2, g2 = _rows(x), _rows(grad_out)  # (tokens, width)
     tokens, width = x2.shape
     n_width_blocks = width // b
-    block_t = block_t or token_tile(b)
+    tile, warps = rotate_tiles(b, backward=True)
+    block_t = block_t or tile
     tiles = max(1, triton.cdiv(tokens, block_t))
     chunks = max(1, min(chunks or triton.cdiv(TARGET_PROGRAMS, n_width_blocks), tiles))
     chunk_tokens = triton.cdiv(tiles, chunks) * block_t
@@ -222,7 +229,7 @@ def rotate_backward(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tenso
         _rotate_backward_kernel[(chunks * n_width_blocks,)](
             x2, g2, blocks, dx if grad_x else g2, partial if grad_r else blocks, tokens, x2.stride(0), g2.stride(0),
             width, b, 0 if blocks.shape[0] == 1 else b * b, n_width_blocks, chunk_tokens,
-            block_t, padded(b), grad_x, grad_r,
+            block_t, padded(b), grad_x, grad_r, num_warps=warps,
         )
     dr = None
     if grad_r:

@@ -27,10 +27,11 @@ from .backend import interpreting
 
 def _dot_mode(*tensors: torch.Tensor) -> tuple[bool, str]:
     """(dot in float32?, input precision). Half inputs of one dtype dot in that dtype with float32 accumulation; the
-    interpreter gets float32 (its bf16 arithmetic is wrong); float32 uses TF32 only where torch's matmul would."""
+    interpreter gets float32 (its bf16 arithmetic is wrong); float32 dots as three tf32 products (≈ float32, on tensor
+    cores), or as one where torch's matmul would use TF32."""
     dtypes = {t.dtype for t in tensors}
     half = len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return (not half) or interpreting(), precision
 
 
@@ -92,13 +93,18 @@ def _dequant_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _matmul_blocks(a: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps): small tiles under the interpreter (each program is numpy work), tensor-core tiles on
-    GPUs (fewer rows when there are few tokens)."""
+def _matmul_blocks(a: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages): small tiles under the interpreter (each program is numpy work); on GPUs
+    tensor-core tiles (fewer rows when there are few tokens) that ptxas compiles without register spills and within
+    the 99 KiB of shared memory of sm_86/sm_89 GPUs (tests/compile_kernels.py): float32 operands, split into three
+    tf32 products, take 64 × 64 tiles; half operands 128 × 128."""
     if interpreting():
-        return 32, 32, 32, 4
-    bm = min(128, max(16, triton.next_power_of_2(a.shape[0])))
-    return bm, 128, 32 if a.dtype == torch.float32 else 64, 8
+        return 32, 32, 32, 4, 1
+    rows = max(16, triton.next_power_of_2(a.shape[0]))
+    if a.dtype == torch.float32:
+        return min(64, rows), 64, 32, 4, 3
+    bm = min(128, rows)
+    return bm, 128, 32, 8 if bm == 128 else 4, 4
 
 
 def _outlier_matrix(index: torch.Tensor, value: torch.Tensor, shape: tuple[int, int], transpose: bool) -> torch.Tensor:
@@ -135,7 +141,7 @@ def int8_matmul(
         # outliers: out += a Sᵀ (or a S), computed as (S aᵀ)ᵀ in float32; S holds the k outliers, sparse
         sparse = _outlier_matrix(outlier_index, outlier_value, (out_features, in_features), not transpose_weight)
         add = torch.sparse.mm(sparse, a2.T.float()).T  # (tokens, n), strides (1, tokens)
-    bm, bn, bk, warps = _matmul_blocks(a2)
+    bm, bn, bk, warps, stages = _matmul_blocks(a2)
     dot_fp32, precision = _dot_mode(a2)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _dequant_matmul_kernel[grid](
@@ -143,7 +149,7 @@ def int8_matmul(
         m, n, a2.shape[1], in_features, scale.shape[1], group_size or in_features,
         a2.stride(0), a2.stride(1), *(add.stride() if add is not None else (0, 0)), out.stride(0), out.stride(1),
         TRANS_W=transpose_weight, ROW_SCALE=group_size is None, HAS_ADD=add is not None, DOT_FP32=dot_fp32,
-        PRECISION=precision, BM=bm, BN=bn, BK=bk, num_warps=warps,
+        PRECISION=precision, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
     )
     return out.reshape(*a.shape[:-1], n)
 
@@ -221,7 +227,7 @@ def _lion_kernel(
              mask=(rn[:, None] < OUT) & (block_col[None, :] < IN // BLOCK))
 
 
-MAX_BLOCK = 1024
+MAX_BLOCK = 256  # widest momentum block the fused kernel holds: a tile is at least 16 rows of whole blocks
 
 
 def fits(in_features: int, block_size: int) -> bool:
@@ -230,13 +236,14 @@ def fits(in_features: int, block_size: int) -> bool:
     return block_size <= MAX_BLOCK and block_size & (block_size - 1) == 0 and in_features % block_size == 0
 
 
-def _lion_blocks(block_size: int) -> tuple[int, int, int, int]:
-    """(BN, BK, BT, num_warps): tile width a multiple of the momentum block, about 8k float32 values per tile (the
-    epilogue holds several tensors of the tile's shape)."""
+def _lion_blocks(block_size: int) -> tuple[int, int, int, int, int]:
+    """(BN, BK, BT, num_warps, num_stages): the tile width a multiple of the momentum block; 16 tile values per thread,
+    since the epilogue holds several tensors of the tile's shape: more spill registers (tests/compile_kernels.py)."""
     bk = max(64, block_size)
     if interpreting():
-        return 32, bk, 32, 4
-    return max(16, min(64, 8192 // bk)), bk, 32, 8
+        return 32, bk, 32, 4, 1
+    bn = 32 if bk == 64 else 16
+    return bn, bk, 32, bn * bk // (16 * 32), 3
 
 
 def lion_step_from_activations_(
@@ -262,7 +269,7 @@ def lion_step_from_activations_(
         boundaries = torch.arange(out_features + 1, device=codes.device, dtype=torch.int64) * in_features
         row_ptr = torch.searchsorted(outlier_index, boundaries.to(outlier_index.dtype))  # (out + 1,) per-row ranges
         index, value = outlier_index, outlier_value
-    bn, bk, bt, warps = _lion_blocks(block_size)
+    bn, bk, bt, warps, stages = _lion_blocks(block_size)
     dot_fp32, precision = _dot_mode(grad_output, x)
     grid = (triton.cdiv(out_features, bn), triton.cdiv(in_features, bk))
     _lion_kernel[grid](
@@ -272,5 +279,5 @@ def lion_step_from_activations_(
         grad_output.stride(0), grad_output.stride(1), x.stride(0), x.stride(1),
         hyper.lr, hyper.beta1, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2, hyper.weight_decay, seed,
         BLOCK=block_size, ROW_SCALE=group_size is None, HAS_OUTLIERS=has_outliers, STOCHASTIC=stochastic,
-        DOT_FP32=dot_fp32, PRECISION=precision, BN=bn, BK=bk, BT=bt, num_warps=warps,
+        DOT_FP32=dot_fp32, PRECISION=precision, BN=bn, BK=bk, BT=bt, num_warps=warps, num_stages=stages,
     )

@@ -177,3 +177,9 @@ def test_auto_mode_on_cpu_runs_the_reference(monkeypatch):
         qoft_kernels.rotate(x, blocks)
         qoft_kernels.cayley_neumann(packed, 8, 5)
     assert calls == ["Rotate", "CayleyNeumann"]
+    wide = _packed(1, 64, seed=0)
+    with kernels("triton"):  # wider than the builder's limit: built by the reference, rotated by the kernel
+        blocks = qoft_kernels.cayley_neumann(wide, 64, 5)
+        qoft_kernels.rotate(torch.randn(3, 64, device=DEVICE), blocks)
+    assert torch.equal(blocks, reference.cayley_neumann(wide, 64, 5))
+    assert calls == ["Rotate", "CayleyNeumann", "Rotate"]
