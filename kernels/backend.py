@@ -3,8 +3,9 @@
 ``PEFT_QUANT_KERNELS`` (read at every call, so tests and users can switch it at run time):
 
 * ``auto`` (default): Triton for CUDA tensors when Triton is installed, the reference otherwise.
-* ``triton``: always Triton; raises :class:`KernelUnavailableError` when that is impossible (Triton missing, or CPU
-  tensors without ``TRITON_INTERPRET=1``). Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's
+* ``triton``: Triton wherever a kernel covers the case (each op's module says which cases its kernels cover, e.g.
+  QOFT's builder blocks up to 32 wide; the rest take the reference); raises :class:`KernelUnavailableError` when
+  Triton cannot run (Triton missing, or CPU tensors without ``TRITON_INTERPRET=1``). Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's
   interpreter: that is how CI tests them without a GPU. (torch's own ``has_triton()`` says no under the interpreter,
   so it is not used here.)
 * ``torch``: always the reference.

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks of one session that is lent a GPU, in one command of under 9 minutes (a lent GPU comes with about
+# 15 minutes, its start included): install peft-quant over the machine's own CUDA builds of torch and Triton, run
+# the kernel tests on CUDA, then time every kernel and the whole training steps (bench/kernels.py). Each step has
+# its own time limit, so a hang in one still leaves the logs of the others. Logs go to $OUT (or /tmp/peft-quant-gpu).
+#
+# Usage, from the repository root on the GPU machine:  bash bench/gpu_session.sh
+# A machine without peft >= 0.21 or bitsandbytes gets them from wheels in .whl/ (pure Python / manylinux; fetch
+# them with `pip download --no-deps` where there is internet). Only peft-quant itself is installed (--no-deps):
+# torch, Triton and transformers stay the machine's. The CPU benches (bench/qoft.py, quantfull.py, stash.py,
+# timestep_scale.py) measure memory and quality on CPU and take longer than a GPU session; they are not run here.
+set -uo pipefail
+out=${OUT:-/tmp/peft-quant-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+start=$(date +%s)
+step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+
+step "install"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    python3 -c "import torch, triton, peft, transformers, bitsandbytes as bnb, peft_quant, setuptools
+print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| peft', peft.__version__,
+      '| transformers', transformers.__version__, '| bitsandbytes', bnb.__version__, '| setuptools', setuptools.__version__)"
+} 2>&1 | tee "$out/env.txt"
+
+step "kernel tests on CUDA"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels_qoft.py tests/test_kernels_quant_full.py \
+    tests/test_kernels_timestep_scale.py tests/test_kernels_stash.py 2>&1 | tee "$out/kernel_tests.log" | tail -25
+
+step "bench/kernels.py"
+timeout 300 python3 bench/kernels.py 2>&1 | tee "$out/bench_kernels.md"
+
+step "done"
