@@ -10,12 +10,16 @@ Timing: ``triton.testing.do_bench`` (median and 20/80% quantiles, ms). For memor
 (minimum bytes moved / time) is shown as a fraction of the device's measured copy bandwidth (goal ≥ 70%).
 
 Without a CUDA device there is nothing to time: the script says so and exits 0 (the kernels' correctness is tested
-on CPU under Triton's interpreter by ``make test``).
+on CPU under Triton's interpreter by ``make test``). ``--smoke`` runs every case once at tiny shapes instead, on CPU
+under Triton's interpreter when there is no GPU, and checks that ours, the reference and the anchor return results
+of the same shapes and dtypes: it tests the benchmark code, so a GPU session's minutes are not spent on its bugs
+(``tests/test_bench_kernels.py`` runs it in CI). It times nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import platform
@@ -58,12 +62,50 @@ def run_cases(cases, copy_gbps: float) -> list[list[str]]:
     return rows
 
 
+def _signature(result: object) -> object:
+    """Shapes and dtypes of what a case's callable returned (tensors inside tuples and lists too)."""
+    if isinstance(result, torch.Tensor):
+        return tuple(result.shape), result.dtype
+    if isinstance(result, (tuple, list)):
+        return [_signature(item) for item in result]
+    if dataclasses.is_dataclass(result):
+        return {field.name: _signature(getattr(result, field.name)) for field in dataclasses.fields(result)}
+    return type(result).__name__
+
+
+def smoke(ops: list[str], training_steps: bool) -> None:
+    """Run every case's callables once at the smoke size and check that they agree in shapes and dtypes."""
+    from kernel_cases.common import DEVICE
+
+    os.environ.setdefault("PEFT_QUANT_KERNELS", "triton")  # the layers' kernels too (the interpreter on CPU)
+    cases = [case for op in ops for case in importlib.import_module(f"kernel_cases.{op}").cases("smoke")]
+    if training_steps and "qoft" in ops:
+        cases += importlib.import_module("kernel_cases.qoft").training_step_cases("smoke")
+    for case in cases:
+        results = {"ours": case.ours(), "reference": case.reference()}
+        if case.anchor is not None:
+            results["anchor"] = case.anchor()
+        ours = _signature(results["ours"])
+        if _signature(results["reference"]) != ours:
+            raise SystemExit(f"{case.op} {case.shape}: ours returns {ours}, the reference "
+                             f"{_signature(results['reference'])}")
+        print(f"ok  {case.op:40} {case.shape:40} {', '.join(results)}")
+    print(f"bench/kernels.py --smoke: {len(cases)} cases ran on {DEVICE}; nothing was timed.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every case once at tiny shapes (CPU: Triton's interpreter), time nothing")
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="which ops to time")
     parser.add_argument("--no-training-steps", action="store_true", help="skip the whole-training-step comparison")
     args = parser.parse_args()
+    if args.smoke:
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        smoke(args.ops, not args.no_training_steps)
+        return
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device here, so no kernel is timed (bench/RESULTS.md: not yet timed). "
               "Correctness is tested on CPU under TRITON_INTERPRET=1 by `make test`.")
@@ -80,12 +122,12 @@ def main() -> None:
     rows = []
     for op in args.ops:
         module = importlib.import_module(f"kernel_cases.{op}")
-        rows += run_cases(module.cases(args.quick), copy_gbps)
+        rows += run_cases(module.cases("quick" if args.quick else "full"), copy_gbps)
     print_table(headers, rows)
     if not args.no_training_steps and "qoft" in args.ops:
         module = importlib.import_module("kernel_cases.qoft")
         print("\nWhole training step of a 4-bit model (forward + backward + optimizer step):\n")
-        print_table(headers, run_cases(module.training_step_cases(args.quick), copy_gbps))
+        print_table(headers, run_cases(module.training_step_cases("quick" if args.quick else "full"), copy_gbps))
 
 
 if __name__ == "__main__":

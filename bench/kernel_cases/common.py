@@ -1,4 +1,4 @@
-"""What a kernel timing case is, and how one is timed (CUDA only)."""
+"""What a kernel timing case is, how one is timed (CUDA only), and the sizes the cases come in."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+# Where the cases put their tensors: the GPU when there is one; the CPU only for ``bench/kernels.py --smoke``, which
+# runs every case once at the "smoke" size under Triton's interpreter to check the benchmark code itself.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = ("full", "quick", "smoke")
 
 
 @dataclass

@@ -14,34 +14,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case
+from .common import DEVICE, Case
 
-TOKENS = 4096
-SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
+TOKENS = {"full": 4096, "quick": 4096, "smoke": 40}
+SHAPES = {"full": [(4096, 4096), (11008, 4096)], "quick": [(4096, 4096)], "smoke": [(48, 512)]}  # (out, in)
 BLOCK_SIZE = 256
 
 
 def _state(out: int, width: int):
     from peft_quant.quant_full.int8_state import quantize_blockwise, quantize_weight
 
-    weight = torch.randn(out, width, device="cuda") * 0.02
+    weight = torch.randn(out, width, device=DEVICE) * 0.02
     codes, scale, index, value = quantize_weight(weight, None, 0.01)
-    momentum = quantize_blockwise(torch.randn(out * width, device="cuda") * 1e-3, BLOCK_SIZE)
+    momentum = quantize_blockwise(torch.randn(out * width, device=DEVICE) * 1e-3, BLOCK_SIZE)
     return weight, [codes, scale, index, value], list(momentum)
 
 
-def _matmul_case(out: int, width: int) -> Case:
+def _matmul_case(tokens: int, out: int, width: int) -> Case:
     import bitsandbytes.functional as bnbf
 
     from peft_quant.kernels import quant_full_triton
     from peft_quant.quant_full.int8_state import dequantize_weight
 
     weight, (codes, scale, index, value), _ = _state(out, width)
-    x = torch.randn(TOKENS, width, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, width, device=DEVICE, dtype=torch.bfloat16)
     bnb_codes, bnb_stats, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
     return Case(
         op="int8_matmul",
-        shape=f"tokens={TOKENS} W={out}x{width} bf16",
+        shape=f"tokens={tokens} W={out}x{width} bf16",
         ours=lambda: quant_full_triton.int8_matmul(x, codes, scale, index, value, None, True),
         reference=lambda: F.linear(x, dequantize_weight(codes, scale, index, value, None, torch.bfloat16)),
         anchor=lambda: F.linear(x, bnbf.int8_vectorwise_dequant(bnb_codes, bnb_stats).to(torch.bfloat16)),
@@ -50,17 +50,17 @@ def _matmul_case(out: int, width: int) -> Case:
     )
 
 
-def _lion_case(out: int, width: int) -> Case:
+def _lion_case(tokens: int, out: int, width: int) -> Case:
     import bitsandbytes as bnb
 
     from peft_quant.kernels import quant_full_triton
     from peft_quant.quant_full.int8_state import LionHyper, lion_step_
 
     weight, int8_weight, momentum = _state(out, width)
-    grad_output = torch.randn(TOKENS, out, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(TOKENS, width, device="cuda", dtype=torch.bfloat16)
+    grad_output = torch.randn(tokens, out, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(tokens, width, device=DEVICE, dtype=torch.bfloat16)
     hyper = LionHyper(lr=1e-5, weight_decay=0.0)
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
 
     def ours() -> None:
         quant_full_triton.lion_step_from_activations_(grad_output, x, *int8_weight, *momentum, hyper, None,
@@ -80,7 +80,7 @@ def _lion_case(out: int, width: int) -> Case:
 
     return Case(
         op="lion_from_activations",
-        shape=f"tokens={TOKENS} W={out}x{width} bf16",
+        shape=f"tokens={tokens} W={out}x{width} bf16",
         ours=ours,
         reference=reference,
         anchor=anchor,
@@ -89,6 +89,6 @@ def _lion_case(out: int, width: int) -> Case:
     )
 
 
-def cases(quick: bool) -> list[Case]:
-    shapes = SHAPES[:1] if quick else SHAPES
-    return [make(out, width) for out, width in shapes for make in (_matmul_case, _lion_case)]
+def cases(size: str) -> list[Case]:
+    """The forward matmul and the fused update at each of :data:`SHAPES` of ``size``."""
+    return [make(TOKENS[size], out, width) for out, width in SHAPES[size] for make in (_matmul_case, _lion_case)]

@@ -1,5 +1,5 @@
-"""Timing cases for TimestepScale's kernels (CUDA only): per-sample expert scaling, and the int4/int8 dequantize-matmul
-with that scaling fused.
+"""Timing cases for TimestepScale's kernels: per-sample expert scaling, and the int4/int8 dequantize-matmul with that
+scaling fused.
 
 * Scaling, a Linear input (batch 8 × 4096 tokens × 1280 channels) and a Conv2d input (8, 320, 64, 64), bfloat16,
   two experts mixed over the batch, with the output side's bias. Reference: :func:`scale_channels_reference` (the
@@ -17,17 +17,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Case, no_grad, with_grads
+from .common import DEVICE, Case, no_grad, with_grads
 
 BATCH = 8
 EXPERTS = 2
 DTYPE = torch.bfloat16
-SCALE_SHAPES = [((BATCH, 4096, 1280), -1), ((BATCH, 320, 64, 64), 1)]  # (x shape, channel dim)
-MATMUL_SHAPES = [(4096, 1280, 1280), (4096, 4096, 4096)]  # (tokens, in, out); quick runs the first
+SCALE_SHAPES = {  # (x shape, channel dim)
+    "full": [((BATCH, 4096, 1280), -1), ((BATCH, 320, 64, 64), 1)],
+    "smoke": [((BATCH, 6, 40), -1), ((BATCH, 8, 5, 5), 1)],
+}
+SCALE_SHAPES["quick"] = SCALE_SHAPES["full"]
+MATMUL_SHAPES = {  # (tokens, in, out)
+    "full": [(4096, 1280, 1280), (4096, 4096, 4096)],
+    "quick": [(4096, 1280, 1280)],
+    "smoke": [(64, 64, 48)],
+}
 
 
 def _experts() -> tuple[torch.Tensor, None]:
-    return torch.arange(BATCH, device="cuda") % EXPERTS, None
+    return torch.arange(BATCH, device=DEVICE) % EXPERTS, None
 
 
 def _scale_cases(shape: tuple[int, ...], channel_dim: int) -> list[Case]:
@@ -35,10 +43,10 @@ def _scale_cases(shape: tuple[int, ...], channel_dim: int) -> list[Case]:
     from peft_quant.kernels import timestep_scale_triton
 
     channels = shape[channel_dim]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(shape, device="cuda", generator=g).to(DTYPE).requires_grad_()
-    table = (torch.rand(EXPERTS, channels, device="cuda", generator=g) + 0.5).requires_grad_()
-    bias = torch.randn(channels, device="cuda", generator=g).to(DTYPE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, generator=g).to(DTYPE).requires_grad_()
+    table = (torch.rand(EXPERTS, channels, device=DEVICE, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(channels, device=DEVICE, generator=g).to(DTYPE)
     experts = _experts()
     index = experts[0]
     grad_out = torch.randn_like(x)
@@ -74,12 +82,12 @@ def _matmul_cases(tokens: int, in_features: int, out_features: int, bits: int) -
     from peft_quant.kernels import timestep_scale_triton
 
     torch.manual_seed(0)
-    linear = nn.Linear(in_features, out_features, device="cuda", dtype=DTYPE)
+    linear = nn.Linear(in_features, out_features, device=DEVICE, dtype=DTYPE)
     layer = IntLinear(linear, bits)
     nf4, state = bnbf.quantize_4bit(linear.weight.detach(), blocksize=64, quant_type="nf4")
-    x = torch.randn(tokens, in_features, device="cuda").to(DTYPE)
-    table_in = torch.rand(EXPERTS, in_features, device="cuda") + 0.5
-    table_out = torch.rand(EXPERTS, out_features, device="cuda") + 0.5
+    x = torch.randn(tokens, in_features, device=DEVICE).to(DTYPE)
+    table_in = torch.rand(EXPERTS, in_features, device=DEVICE) + 0.5
+    table_out = torch.rand(EXPERTS, out_features, device=DEVICE) + 0.5
     experts = _experts()
     rows = tokens // BATCH
     index = experts[0].repeat_interleave(rows)  # (tokens,): each row's expert, for the eager scalings
@@ -93,7 +101,7 @@ def _matmul_cases(tokens: int, in_features: int, out_features: int, bits: int) -
             return timestep_scale_triton.int_linear_forward(x, layer, bias, *tables)[0]
 
         def reference(tables=tables, bias=bias):
-            return ops.int_linear_reference(x.view(BATCH, rows, -1), layer, bias, *tables)
+            return ops.int_linear_reference(x.view(BATCH, rows, -1), layer, bias, *tables).view(tokens, -1)
 
         def anchor(scaled=scaled):
             weight = bnbf.dequantize_4bit(nf4, state)
@@ -108,10 +116,10 @@ def _matmul_cases(tokens: int, in_features: int, out_features: int, bits: int) -
     return cases
 
 
-def cases(quick: bool) -> list[Case]:
-    """Scaling at both layouts, then the dequantize-matmul (quick: the smaller matmul shape only)."""
-    out = [case for shape, channel_dim in SCALE_SHAPES for case in _scale_cases(shape, channel_dim)]
-    for tokens, in_features, out_features in MATMUL_SHAPES[:1] if quick else MATMUL_SHAPES:
+def cases(size: str) -> list[Case]:
+    """Scaling at both layouts, then the dequantize-matmul, at the shapes of ``size``."""
+    out = [case for shape, channel_dim in SCALE_SHAPES[size] for case in _scale_cases(shape, channel_dim)]
+    for tokens, in_features, out_features in MATMUL_SHAPES[size]:
         for bits in (4, 8):
             out += _matmul_cases(tokens, in_features, out_features, bits)
     return out
