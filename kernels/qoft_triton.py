@@ -30,8 +30,9 @@ def padded(block_size: int) -> int:
 
 def rotate_tiles(block_size: int, backward: bool) -> tuple[int, int]:
     """``(tokens per tile, warps)`` of the rotation kernels: a ``tile × padded(b)`` slab of activations per program
-    step. Chosen so that ptxas reports no register spills on sm_80 or sm_90 (tests/compile_kernels.py): the backward
-    holds four such slabs and a ``b × b`` accumulator, so its tiles are shorter."""
+    step. Chosen from ptxas's figures (tests/compile_kernels.py): no register spills on sm_90, at most 88 bytes per
+    thread on sm_80 (the backward of 64-wide blocks); the backward holds four such slabs and a ``b × b``
+    accumulator, so its tiles are shorter."""
     wide = padded(block_size) >= 64
     if backward:
         return 32, 8 if wide else 4

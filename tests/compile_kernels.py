@@ -6,11 +6,11 @@ allocates shared memory. This script closes that gap without a GPU: a stand-in d
 launcher of the ``*_triton`` modules runs on CPU tensors over the cases below (every dtype and ``tl.constexpr`` branch
 the launchers produce), and Triton's launch hook records the specialization each launch asks for instead of
 compiling and launching it. Each recorded specialization is then compiled for each target architecture down to a
-cubin with Triton's own compiler and bundled ``ptxas``, and checked against the shared memory the smallest GPU of
+cubin with Triton's own compiler and bundled ``ptxas`` (Ampere/Ada, Hopper and consumer Blackwell), and checked against the shared memory the smallest GPU of
 that architecture grants one block, and against :data:`SPILL_LIMIT` bytes of register spills per thread (from
 ``ptxas -v``, which Triton runs with the same flags).
 
-Usage: ``python tests/compile_kernels.py [--arch 80 90] [--jobs N] [--only NAME]``; exits 1 when a kernel fails to
+Usage: ``python tests/compile_kernels.py [--arch 80 90 120] [--jobs N] [--only NAME]``; exits 1 when a kernel fails to
 compile, needs too much shared memory, spills more than the limit, or was never launched by any case. It must run
 without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` builds interpreter objects that cannot be
 compiled); ``tests/test_kernels_compile.py`` runs it in a subprocess.
@@ -33,8 +33,9 @@ from typing import Any, Callable
 import torch
 
 # Shared memory one block may use, per target: the smallest GPU compiling to that target (sm_80 code also runs on
-# sm_86/sm_89 consumer GPUs, which grant 99 KiB; an A100 grants 163 KiB; H100/H200 227 KiB).
-SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
+# sm_86/sm_89 consumer GPUs, which grant 99 KiB; an A100 grants 163 KiB; H100/H200 227 KiB; the RTX 50 series, sm_120,
+# 99 KiB).
+SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 # Register spill stores per thread a kernel may need. A few words are harmless; kilobytes mean the tile does not fit
 # the register file and local-memory traffic would rival the kernel's real traffic (the tile choices in the launchers
 # keep every kernel below this; see their docstrings).
@@ -298,7 +299,7 @@ def _summary(error: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(SHARED_LIMIT), choices=sorted(SHARED_LIMIT),
-                        help="compute capabilities to compile for (80: Ampere/Ada, 90: Hopper)")
+                        help="compute capabilities to compile for (80: Ampere/Ada, 90: Hopper, 120: RTX 50)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = parser.parse_args(argv)
