@@ -156,26 +156,30 @@ def quant_full_cases() -> list[Callable[[], None]]:
     outliers = {False: (torch.zeros(0, dtype=torch.int64), torch.zeros(0)),
                 True: (torch.tensor([3, 700, 9000], dtype=torch.int64), torch.ones(3))}
 
-    def scale(group_size: int | None) -> torch.Tensor:
-        return torch.ones(out_f, 1 if group_size is None else in_f // group_size)
+    def scale(group_size: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Weight scales; a model cast to bfloat16 casts its buffers too."""
+        return torch.ones(out_f, 1 if group_size is None else in_f // group_size, dtype=dtype)
 
-    def matmul(dtype: torch.dtype, tokens: int, transpose: bool, group_size: int | None,
-               has_outliers: bool) -> Callable[[], None]:
+    def matmul(dtype: torch.dtype, tokens: int, transpose: bool, group_size: int | None, has_outliers: bool,
+               scale_dtype: torch.dtype) -> Callable[[], None]:
         a = torch.randn(tokens, in_f if transpose else out_f, dtype=dtype)
-        return lambda: k.int8_matmul(a, codes, scale(group_size), *outliers[has_outliers], group_size, transpose)
+        return lambda: k.int8_matmul(a, codes, scale(group_size, scale_dtype), *outliers[has_outliers], group_size,
+                                     transpose)
 
-    def lion(dtype: torch.dtype, block: int, stochastic: bool, group_size: int | None,
-             has_outliers: bool) -> Callable[[], None]:
+    def lion(dtype: torch.dtype, block: int, stochastic: bool, group_size: int | None, has_outliers: bool,
+             scale_dtype: torch.dtype) -> Callable[[], None]:
         g, x = torch.randn(300, out_f, dtype=dtype), torch.randn(300, in_f, dtype=dtype)
         momentum, absmax = torch.zeros(out_f, in_f, dtype=torch.int8), torch.zeros(out_f * in_f // block)
-        return lambda: k.lion_step_from_activations_(g, x, codes, scale(group_size), *outliers[has_outliers],
-                                                     momentum, absmax, hyper, group_size, block, stochastic, 0)
+        return lambda: k.lion_step_from_activations_(g, x, codes, scale(group_size, scale_dtype),
+                                                     *outliers[has_outliers], momentum, absmax, hyper, group_size,
+                                                     block, stochastic, 0)
 
     # matmul tiles: dtype × rows (few tokens: a narrower tile) × orientation; Lion tiles: dtype × momentum block
     matmuls = [(d, t, tr) for d in DTYPES for t in (8, 300) for tr in (True, False)]
     lions = [(d, block) for d in DTYPES for block in (64, 128, k.MAX_BLOCK)]
-    return ([matmul(*c) for c in crossed(matmuls, (None, 128), (False, True))]
-            + [lion(*c) for c in crossed(lions, (False, True), (None, 128), (False, True))])
+    scale_dtypes = (torch.float32, torch.float32, torch.bfloat16)
+    return ([matmul(*c) for c in crossed(matmuls, (None, 128), (False, True), scale_dtypes)]
+            + [lion(*c) for c in crossed(lions, (False, True), (None, 128), (False, True), scale_dtypes)])
 
 
 def stash_cases() -> list[Callable[[], None]]:
@@ -207,29 +211,32 @@ def timestep_scale_cases() -> list[Callable[[], None]]:
             memory_format=torch.channels_last)),
     }
 
-    def scale(layout: str, dtype: torch.dtype, per_sample: bool, has_bias: bool,
-              grads: tuple[bool, bool]) -> Callable[[], None]:
+    def scale(layout: str, dtype: torch.dtype, per_sample: bool, has_bias: bool, grads: tuple[bool, bool],
+              table_dtype: torch.dtype) -> Callable[[], None]:
         channel_dim, make = layouts[layout]
         x, bias = make(dtype), torch.randn(64, dtype=dtype) if has_bias else None
         experts = (index, None) if per_sample else (index[:1], 1)
-        return lambda: (k.scale_forward(x, table, experts, channel_dim, bias),
-                        k.scale_backward(x, x, table, experts, channel_dim, bias, *grads))
+        scales = table.to(table_dtype)  # a model cast to bfloat16 casts its scale tables too
+        return lambda: (k.scale_forward(x, scales, experts, channel_dim, bias),
+                        k.scale_backward(x, x, scales, experts, channel_dim, bias, *grads))
 
     def linear(bits: int, dtype: torch.dtype, tokens: int, s_in: bool, s_out: bool, has_bias: bool,
-               store_z: bool) -> Callable[[], None]:
+               store_z: bool, table_dtype: torch.dtype) -> Callable[[], None]:
         layer = IntLinear(torch.nn.Linear(64, 96), bits)
         x = torch.randn(2, tokens // 2, 64, dtype=dtype)
-        t_in, t_out = (table if s_in else None), (torch.rand(3, 96) + 0.5 if s_out else None)
+        t_in = table.to(table_dtype) if s_in else None
+        t_out = (torch.rand(3, 96) + 0.5).to(table_dtype) if s_out else None
         bias = torch.randn(96, dtype=dtype) if has_bias else None
         return lambda: k.int_linear_forward(x, layer, bias, t_in, t_out, (index, None), store_z=store_z)
 
     # scaling tiles: layout × dtype; linear tiles: bits × dtype × rows (few tokens: a narrower tile)
     scales = [(layout, dtype) for layout in layouts for dtype in DTYPES]
     linears = [(bits, dtype, tokens) for bits in (4, 8) for dtype in DTYPES for tokens in (8, 200)]
+    table_dtypes = (torch.float32, torch.float32, torch.bfloat16)
     return ([scale(*c) for c in crossed(scales, (True, False), (False, True, True),
-                                        ((True, True), (True, False), (False, True)))]
+                                        ((True, True), (True, False), (False, True)), table_dtypes)]
             + [linear(*c) for c in crossed(linears, (False, True), (True, False, True), (False, True, True),
-                                           (False, True))])
+                                           (False, True), table_dtypes)])
 
 
 CASES = (qoft_cases, quant_full_cases, stash_cases, timestep_scale_cases)
