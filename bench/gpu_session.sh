@@ -18,7 +18,7 @@ step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 
 step "install"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
@@ -31,8 +31,12 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton
 } 2>&1 | tee "$out/env.txt"
 
 step "kernel tests on CUDA"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels_qoft.py tests/test_kernels_quant_full.py \
-    tests/test_kernels_timestep_scale.py tests/test_kernels_stash.py 2>&1 | tee "$out/kernel_tests.log" | tail -25
+# Each test shape JIT-compiles its own kernel specializations (about a second each): spread them over processes.
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
+timeout 240 python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test_kernels_qoft.py \
+    tests/test_kernels_quant_full.py tests/test_kernels_timestep_scale.py tests/test_kernels_stash.py 2>&1 \
+    | tee "$out/kernel_tests.log" | tail -25
 
 step "bench/kernels.py"
 timeout 300 python3 bench/kernels.py 2>&1 | tee "$out/bench_kernels.md"
