@@ -25,9 +25,10 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | 
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-    python3 -c "import torch, triton, peft, transformers, bitsandbytes as bnb, peft_quant, setuptools
-print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| peft', peft.__version__,
-      '| transformers', transformers.__version__, '| bitsandbytes', bnb.__version__, '| setuptools', setuptools.__version__)"
+    python3 -c "import torch, triton, peft, transformers, bitsandbytes, peft_quant, setuptools
+for module in (torch, triton, peft, transformers, bitsandbytes, setuptools):
+    print(module.__name__, module.__version__)
+print('cuda', torch.version.cuda)"
 } 2>&1 | tee "$out/env.txt"
 
 step "kernel tests on CUDA"

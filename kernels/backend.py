@@ -5,9 +5,9 @@
 * ``auto`` (default): Triton for CUDA tensors when Triton is installed, the reference otherwise.
 * ``triton``: Triton wherever a kernel covers the case (each op's module says which cases its kernels cover, e.g.
   QOFT's builder blocks up to 32 wide; the rest take the reference); raises :class:`KernelUnavailableError` when
-  Triton cannot run (Triton missing, or CPU tensors without ``TRITON_INTERPRET=1``). Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's
-  interpreter: that is how CI tests them without a GPU. (torch's own ``has_triton()`` says no under the interpreter,
-  so it is not used here.)
+  Triton cannot run (Triton missing, or CPU tensors without ``TRITON_INTERPRET=1``). Under ``TRITON_INTERPRET=1`` the
+  kernels run on CPU tensors in Triton's interpreter: that is how CI tests them without a GPU. (torch's own
+  ``has_triton()`` says no under the interpreter, so it is not used here.)
 * ``torch``: always the reference.
 """
 

@@ -2,7 +2,8 @@
 
 Each entry point runs the Triton kernel (:mod:`.qoft_triton`, imported only then) when :func:`.backend.use_triton`
 says so and the kernel covers the case (float32/float16/bfloat16; blocks up to :data:`BUILD_MAX_BLOCK` wide for the
-builder, :data:`MAX_BLOCK` for the rotation), and the reference of :mod:`peft_quant.qoft.rotation` otherwise, so CPU results are those of the reference bit for bit.
+builder, :data:`MAX_BLOCK` for the rotation), and the reference of :mod:`peft_quant.qoft.rotation` otherwise, so CPU
+results are those of the reference bit for bit.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ The interpreter (``TRITON_INTERPRET=1``), which runs the kernels in CI, executes
 the GPU compiler rejects (non-constexpr globals, loop-carried values changing type, ``tl.dot`` shapes), and it never
 allocates shared memory. This script closes that gap without a GPU: a stand-in driver reports a CUDA target, each
 launcher of the ``*_triton`` modules runs on CPU tensors over the cases below (every dtype and ``tl.constexpr`` branch
-the launchers produce), and Triton's launch hook records the specialization each launch asks for instead of
-compiling and launching it. Each recorded specialization is then compiled for each target architecture down to a
-cubin with Triton's own compiler and bundled ``ptxas`` (Ampere/Ada, Hopper and consumer Blackwell), and checked against the shared memory the smallest GPU of
-that architecture grants one block, and against :data:`SPILL_LIMIT` bytes of register spills per thread (from
-``ptxas -v``, which Triton runs with the same flags).
+the launchers produce), and Triton's launch hook records the specialization each launch asks for instead of compiling
+and launching it. Each recorded specialization is then compiled for each target architecture down to a cubin with
+Triton's own compiler and bundled ``ptxas`` (Ampere/Ada, Hopper and consumer Blackwell), and checked against the
+shared memory the smallest GPU of that architecture grants one block, and against :data:`SPILL_LIMIT` bytes of
+register spills per thread (from ``ptxas -v``, which Triton runs with the same flags).
 
 Usage: ``python tests/compile_kernels.py [--arch 80 90 120] [--jobs N] [--only NAME]``; exits 1 when a kernel fails to
 compile, needs too much shared memory, spills more than the limit, or was never launched by any case. It must run
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         if not error and shared > SHARED_LIMIT[arch]:
             error = f"needs {shared} bytes of shared memory; sm_{arch} GPUs may grant {SHARED_LIMIT[arch]}"
         if not error and spills > SPILL_LIMIT:
-            error = f"spills {spills} bytes of registers per thread (limit {SPILL_LIMIT}): use smaller tiles or more warps"
+            error = (f"spills {spills} bytes of registers per thread (limit {SPILL_LIMIT}): use smaller tiles or "
+                     "more warps")
         failures += bool(error)
         print(f"{arch:>4} {shared:>7} {registers:>4} {spills:>5} {seconds:>5.1f}  {spec.describe()}"
               + (f"\n      FAILED: {_summary(error)}" if error else ""))
