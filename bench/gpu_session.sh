@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks of one session that is lent a GPU, in one command of under 9 minutes (a lent GPU comes with about
-# 15 minutes, its start included): install peft-quant over the machine's own CUDA builds of torch and Triton, run
-# the kernel tests on CUDA, then time every kernel and the whole training steps (bench/kernels.py). Each step has
-# its own time limit, so a hang in one still leaves the logs of the others. Logs go to $OUT (or /tmp/peft-quant-gpu).
+# Every GPU check in one command of under 9 minutes, for when GPU time is short (15 minutes, start included):
+# install peft-quant over the machine's own CUDA builds of torch and Triton, run the kernel tests on CUDA, then time
+# every kernel and the whole training steps (bench/kernels.py). Each step has its own time limit, so a hang in one
+# still leaves the logs of the others. Logs go to $OUT (or /tmp/peft-quant-gpu).
 #
 # Usage, from the repository root on the GPU machine:  bash bench/gpu_session.sh
-# A machine without peft >= 0.21 or bitsandbytes gets them from wheels in .whl/ (pure Python / manylinux; fetch
-# them with `pip download --no-deps` where there is internet). Only peft-quant itself is installed (--no-deps):
+# A machine without peft >= 0.21 or bitsandbytes gets them from wheels in .whl/ (git-ignored; about 42 MB), fetched
+# where there is an index, for the GPU machine's Python (3.12 on the H200 machines this was written for):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_24_x86_64 -d .whl peft==0.21.2 bitsandbytes==0.50.2
+# and copied to the GPU machine with the tree. Only peft-quant itself is installed (--no-deps):
 # torch, Triton and transformers stay the machine's. The CPU benches (bench/qoft.py, quantfull.py, stash.py,
-# timestep_scale.py) measure memory and quality on CPU and take longer than a GPU session; they are not run here.
+# timestep_scale.py) measure memory and quality on CPU and take longer than that; they are not run here.
 set -uo pipefail
 out=${OUT:-/tmp/peft-quant-gpu}
 mkdir -p "$out"
