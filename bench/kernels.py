@@ -119,15 +119,16 @@ def main() -> None:
     print(f"date {date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, python {platform.python_version()}; measured copy bandwidth {copy_gbps:.0f} GB/s\n")
     headers = ["op", "shape", "impl", "median ms", "20–80% ms", "GB/s (of copy)", "time / ours", "notes"]
+    size = "quick" if args.quick else "full"
     rows = []
     for op in args.ops:
         module = importlib.import_module(f"kernel_cases.{op}")
-        rows += run_cases(module.cases("quick" if args.quick else "full"), copy_gbps)
+        rows += run_cases(module.cases(size), copy_gbps)
     print_table(headers, rows)
     if not args.no_training_steps and "qoft" in args.ops:
         module = importlib.import_module("kernel_cases.qoft")
         print("\nWhole training step of a 4-bit model (forward + backward + optimizer step):\n")
-        print_table(headers, run_cases(module.training_step_cases("quick" if args.quick else "full"), copy_gbps))
+        print_table(headers, run_cases(module.training_step_cases(size), copy_gbps))
 
 
 if __name__ == "__main__":
