@@ -1,27 +1,39 @@
-"""The base-layer formats peft-quant's methods sit on: what a layer is, and how to read and rewrite its weight.
+"""The base-layer formats peft-quant's methods sit on: one object per format, one interface for every method.
 
-One place answers, for any targeted layer: which backend and how many bits (for errors, repr and the model card),
-how wide its input is, whether its weight can be merged into, how to dequantize it, and how to write a float
-weight back in the *same* format while measuring what re-quantization lost.
+:func:`resolve_format` turns a base layer into a :class:`WeightFormat`, which answers everything a method may ask of
+its base, so no method reads or writes a quantized layer's ``.weight`` itself:
 
-Reading and writing quantized weights goes through PEFT's own backend objects
-(``peft.utils.resolve_quantization_backend``), which keep bitsandbytes' quant type, block size and double
-quantization when they re-quantize. Optional packages are never imported here unless a layer of theirs is already
-in memory, so ``import peft_quant`` pulls in no backend.
+* ``facts``: what the layer is (backend, scheme, bits, widths), for errors, repr and the model card;
+* :meth:`~WeightFormat.dequantize`: the float weight the layer's forward computes with (a float reference);
+* :meth:`~WeightFormat.check_input_grad`: whether the base's forward gave a gradient w.r.t. its input;
+* :meth:`~WeightFormat.save_state` / :meth:`~WeightFormat.restore_state`: an exact copy of the layer's stored tensors
+  and their bit-for-bit restoration (merges keep it, so unmerging never loses the base);
+* :meth:`~WeightFormat.requantize`: store a float weight back in the *same* format;
+* :meth:`~WeightFormat.fold_output_scale`: exact folds of per-output-channel factors into the format's own scales;
+* ``mergeable``: whether a changed weight can be written back at all.
+
+Writing bitsandbytes weights goes through PEFT's own backend objects (``peft.utils.quantization_utils``), which keep
+the quant type, block size and double quantization when they re-quantize. Optional packages are never imported here
+unless a layer of theirs is already in memory, so ``import peft_quant`` pulls in no backend.
+
+Adding a base format is one new :class:`WeightFormat` subclass in :data:`FORMATS` plus its row in the conformance
+tests.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 SUPPORTED_LAYERS = (
-    "torch.nn.Linear, torch.nn.Conv2d, peft-quant's IntLinear/IntConv2d (peft_quant.quantize_model), bitsandbytes Linear4bit (nf4/fp4, with or without double quantization), "
+    "torch.nn.Linear, torch.nn.Conv2d (plain float weights), peft-quant's IntLinear/IntConv2d "
+    "(peft_quant.quantize_model), bitsandbytes Linear4bit (nf4/fp4, with or without double quantization), "
     "bitsandbytes Linear8bitLt, and gptqmodel's GPTQ linear layers (GPTQ checkpoints loaded by transformers)"
 )
 
@@ -44,7 +56,8 @@ def require(package: str) -> object:
 
 @dataclass(frozen=True)
 class BaseFormat:
-    """What a base layer is. ``label`` reads like ``"bitsandbytes nf4 (double-quant)"``."""
+    """What a base layer is (the facts of a :class:`WeightFormat`). ``label`` reads like
+    ``"bitsandbytes nf4 (double-quant)"``."""
 
     backend: str  # "torch", "peft_quant", "bitsandbytes" or "gptq"
     scheme: str  # dtype name for float layers, else "nf4", "fp4", "int8", "int4"...
@@ -66,189 +79,369 @@ class BaseFormat:
         return text
 
 
-def _bnb_format(layer: nn.Module) -> Optional[BaseFormat]:
-    if "bitsandbytes" not in sys.modules:
-        return None
-    bnb = sys.modules["bitsandbytes"]
-    if isinstance(layer, bnb.nn.Linear4bit):
-        state = layer.weight.quant_state
-        scheme = getattr(state, "quant_type", None) or getattr(layer.weight, "quant_type", "nf4")
-        double = bool(getattr(state, "nested", False) or getattr(layer.weight, "compress_statistics", False))
-        return BaseFormat("bitsandbytes", scheme, 4, "linear", layer.in_features, layer.out_features, True, double)
-    if isinstance(layer, bnb.nn.Linear8bitLt):
-        return BaseFormat("bitsandbytes", "int8", 8, "linear", layer.in_features, layer.out_features, True)
-    return None
+class _Owner:
+    """Stands in for a PEFT layer where PEFT's backend objects expect one (they call ``get_base_layer()``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.base_layer = layer
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
 
 
-def _gptq_format(layer: nn.Module) -> Optional[BaseFormat]:
-    if not type(layer).__module__.startswith("gptqmodel"):
-        return None
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+class WeightFormat:
+    """One base format bound to one layer. Subclasses implement :meth:`matches`, :meth:`_facts`, :meth:`dequantize`,
+    :meth:`save_state`/:meth:`restore_state` and, where ``mergeable``, :meth:`_store`."""
 
-    if not isinstance(layer, BaseQuantLinear):
-        return None
-    bits = int(getattr(layer, "bits", 4))
-    group = getattr(layer, "group_size", None)
-    group = int(group) if group not in (None, -1) else None
-    return BaseFormat("gptq", f"int{bits}", bits, "linear", layer.in_features, layer.out_features, False, False, group)
+    #: fix shown when the base forward drops the input gradient
+    input_grad_fix: ClassVar[str] = "report this base layer type to peft-quant"
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.facts = self._facts()
+
+    @classmethod
+    def matches(cls, layer: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def _facts(self) -> BaseFormat:
+        raise NotImplementedError
+
+    @property
+    def mergeable(self) -> bool:
+        return self.facts.mergeable
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype the layer's forward computes in (what a merge error is measured in)."""
+        return torch.float32
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A copy of the float weight ``(out, in[, kh, kw])`` the layer's forward computes with."""
+        raise NotImplementedError
+
+    def save_state(self) -> dict[str, Any]:
+        """An exact copy of everything the format stores (tensors cloned), for :meth:`restore_state`."""
+        raise NotImplementedError
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Put back, bit for bit, what :meth:`save_state` copied."""
+        raise NotImplementedError
+
+    def _store(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def check_mergeable(self) -> None:
+        """Raise an error naming the fix where the format cannot take a changed weight."""
+        if not self.mergeable:
+            raise TypeError(
+                f"{self.facts.label} layers cannot be merged into: their kernels offer no way to re-quantize a changed "
+                "weight. Fix: keep the adapter unmerged (it runs on the quantized layer as is), or call `unload()` to "
+                "get the untouched base model back."
+            )
+
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Store a float weight of the layer's shape in the layer's own format (re-quantizing it)."""
+        self.check_mergeable()
+        shape = tuple(self.dequantize().shape)
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"A weight of shape {tuple(weight.shape)} does not fit {self.facts.label} layer {shape}.")
+        self._store(weight)
+
+    def fold_output_scale(self, factor: torch.Tensor) -> bool:
+        """Multiply each output channel ``o`` by ``factor[o]`` through the format's own scales, exactly and without
+        re-quantizing; ``False`` (changing nothing) where the format has no such scales."""
+        return False
+
+    def check_input_grad(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Raise if the base forward dropped the gradient w.r.t. an input that needs one (an input-side adapter
+        would silently get no gradient)."""
+        if x.requires_grad and not out.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"The base layer ({self.facts.label}, {type(self.layer).__name__}) returned an output without gradient "
+                f"for an input that needs one, so the adapter would silently get no gradient. Fix: {self.input_grad_fix}."
+            )
 
 
-def _int_format(layer: nn.Module) -> Optional[BaseFormat]:
-    from .int_quant import IntConv2d, IntLinear
+def _clone(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
 
-    if isinstance(layer, IntLinear):
-        return BaseFormat("peft_quant", f"int{layer.bits}", layer.bits, "linear", layer.in_features,
-                          layer.out_features, True)
-    if isinstance(layer, IntConv2d):
-        return BaseFormat("peft_quant", f"int{layer.bits}", layer.bits, "conv2d", layer.in_channels,
+
+class FloatFormat(WeightFormat):
+    """A plain ``nn.Linear``/``nn.Conv2d`` with a float weight (not a tensor subclass)."""
+
+    @classmethod
+    def matches(cls, layer: nn.Module) -> bool:
+        weight = getattr(layer, "weight", None)
+        return (isinstance(layer, (nn.Linear, nn.Conv2d)) and type(weight) in (nn.Parameter, torch.Tensor)
+                and weight.is_floating_point())
+
+    def _facts(self) -> BaseFormat:
+        layer, weight = self.layer, self.layer.weight
+        dtype = str(weight.dtype).removeprefix("torch.")
+        if isinstance(layer, nn.Linear):
+            return BaseFormat("torch", dtype, weight.element_size() * 8, "linear", layer.in_features,
+                              layer.out_features, True)
+        return BaseFormat("torch", dtype, weight.element_size() * 8, "conv2d", layer.in_channels,
                           layer.out_channels, True)
-    return None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.layer.weight.dtype
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.layer.weight.detach().to(dtype, copy=True)
+
+    def save_state(self) -> dict[str, Any]:
+        return {"weight": _clone(self.layer.weight)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.layer.weight.copy_(state["weight"])
+
+    def _store(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.layer.weight.copy_(weight.to(self.layer.weight.dtype))
+
+    def fold_output_scale(self, factor: torch.Tensor) -> bool:
+        weight = self.layer.weight
+        with torch.no_grad():
+            shape = (-1,) + (1,) * (weight.dim() - 1)
+            weight.copy_((weight.to(torch.float64) * factor.detach().to(torch.float64).view(shape)).to(weight.dtype))
+        return True
 
 
-def _float_format(layer: nn.Module) -> Optional[BaseFormat]:
+class IntFormat(WeightFormat):
+    """peft-quant's own uniform per-output-channel format (:mod:`peft_quant.int_quant`)."""
+
+    _BUFFERS = ("qweight", "scale", "zero")
+
+    @classmethod
+    def matches(cls, layer: nn.Module) -> bool:
+        from .int_quant import IntQuantized
+
+        return isinstance(layer, IntQuantized)
+
+    def _facts(self) -> BaseFormat:
+        from .int_quant import IntLinear
+
+        layer = self.layer
+        if isinstance(layer, IntLinear):
+            widths, kind = (layer.in_features, layer.out_features), "linear"
+        else:
+            widths, kind = (layer.in_channels, layer.out_channels), "conv2d"
+        return BaseFormat("peft_quant", f"int{layer.bits}", layer.bits, kind, *widths, True)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.layer.compute_dtype
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.layer.dequantize(dtype)
+
+    def save_state(self) -> dict[str, Any]:
+        return {name: _clone(getattr(self.layer, name)) for name in self._BUFFERS}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        for name in self._BUFFERS:
+            setattr(self.layer, name, state[name].clone())
+
+    def _store(self, weight: torch.Tensor) -> None:
+        self.layer.requantize_(weight)
+
+    def fold_output_scale(self, factor: torch.Tensor) -> bool:
+        self.layer.scale_output_channels_(factor.detach())
+        return True
+
+
+class _BnbFormat(WeightFormat):
+    """Common part of the bitsandbytes formats: the CPU layout guard and PEFT's backend for writing."""
+
+    @staticmethod
+    def _bnb():
+        return sys.modules.get("bitsandbytes")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        dtype = getattr(self.layer, "compute_dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def _unpack_cpu_layout(self) -> None:
+        """Undo bitsandbytes' in-place CPU repacking of a 4-bit weight, so it can be dequantized.
+
+        On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place at its first eval-mode
+        forward; dequantizing the repacked weight gives wrong numbers (0.1 absolute error seen on a 64x64 layer), so
+        a merge would silently corrupt the layer. bitsandbytes undoes the packing itself before saving; so do we
+        before reading or writing the weight.
+        """
+        state = getattr(self.layer.weight, "quant_state", None)
+        if not getattr(state, "packing_format_for_cpu", False):
+            return
+        inverse = getattr(self._bnb().functional, "_convert_weight_packed_for_cpu_inverse", None)
+        if inverse is None:
+            raise RuntimeError(
+                "This bitsandbytes Linear4bit weight is in bitsandbytes' CPU-packed layout and this bitsandbytes "
+                "version offers no way to undo it, so it cannot be merged correctly. Fix: merge before running the "
+                "model in eval mode on CPU, or upgrade bitsandbytes."
+            )
+        self.layer.weight.data, self.layer.weight.quant_state = inverse(self.layer.weight.data, state)
+
+    def _peft_backend(self):
+        from peft.utils import resolve_quantization_backend
+
+        return resolve_quantization_backend(self.layer)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        self._unpack_cpu_layout()
+        return self._peft_backend().get_base_weight(self.layer).to(dtype, copy=True)
+
+    def _store(self, weight: torch.Tensor) -> None:
+        self._unpack_cpu_layout()
+        self._peft_backend().set_base_weight(_Owner(self.layer), weight.to(torch.float32))
+
+
+class Bnb4bitFormat(_BnbFormat):
+    """bitsandbytes ``Linear4bit``: nf4 or fp4 codes, an absmax per block (double-quantized or not)."""
+
+    @classmethod
+    def matches(cls, layer: nn.Module) -> bool:
+        bnb = cls._bnb()
+        return bnb is not None and isinstance(layer, bnb.nn.Linear4bit)
+
+    def _facts(self) -> BaseFormat:
+        weight = self.layer.weight
+        state = weight.quant_state
+        scheme = getattr(state, "quant_type", None) or getattr(weight, "quant_type", "nf4")
+        double = bool(getattr(state, "nested", False) or getattr(weight, "compress_statistics", False))
+        return BaseFormat("bitsandbytes", scheme, 4, "linear", self.layer.in_features, self.layer.out_features, True,
+                          double)
+
+    def save_state(self) -> dict[str, Any]:
+        weight = self.layer.weight
+        return {"weight": weight, "data": _clone(weight.data), "quant_state": copy.deepcopy(weight.quant_state)}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        weight = state["weight"]  # the original parameter object (a merge replaces it), its codes and state put back
+        weight.data = state["data"].clone()
+        weight.quant_state = copy.deepcopy(state["quant_state"])
+        self.layer.weight = weight
+
+    def fold_output_scale(self, factor: torch.Tensor) -> bool:
+        """Exact when the statistics are not double-quantized and each block lies inside one row."""
+        self._unpack_cpu_layout()
+        state = self.layer.weight.quant_state
+        if state.nested or self.layer.in_features % state.blocksize:
+            return False
+        absmax = state.absmax.view(self.layer.out_features, -1)  # (out, blocks per row)
+        absmax.copy_((absmax.to(torch.float64) * factor.detach().to(torch.float64)[:, None]).to(absmax.dtype))
+        return True
+
+
+class Bnb8bitFormat(_BnbFormat):
+    """bitsandbytes ``Linear8bitLt``: int8 codes with a float absmax per row (``SCB``)."""
+
+    @classmethod
+    def matches(cls, layer: nn.Module) -> bool:
+        bnb = cls._bnb()
+        return bnb is not None and isinstance(layer, bnb.nn.Linear8bitLt)
+
+    def _facts(self) -> BaseFormat:
+        return BaseFormat("bitsandbytes", "int8", 8, "linear", self.layer.in_features, self.layer.out_features, True)
+
+    def _scb(self) -> torch.Tensor:
+        # row-wise absmax, W = CB · SCB / 127; bitsandbytes moves it to the layer's state at the first forward
+        weight = self.layer.weight
+        return weight.SCB if getattr(weight, "SCB", None) is not None else self.layer.state.SCB
+
+    def save_state(self) -> dict[str, Any]:
+        return {"weight": self.layer.weight, "data": _clone(self.layer.weight.data), "SCB": _clone(self._scb())}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        weight = state["weight"]  # the original parameter object: its codes and scales put back
+        weight.data = state["data"].clone()
+        weight.CB, weight.SCB = weight.data, state["SCB"].clone()  # moved to the layer's state at the next forward
+        self.layer.weight = weight
+        self.layer.state.reset_grads()
+
+    def fold_output_scale(self, factor: torch.Tensor) -> bool:
+        scb = self._scb()
+        scb.copy_((scb.to(torch.float64) * factor.detach().to(torch.float64)).to(scb.dtype))
+        return True
+
+
+class GptqFormat(WeightFormat):
+    """gptqmodel's GPTQ linear layers: readable (dequantized), but no kernel re-quantizes a changed weight."""
+
+    input_grad_fix = (
+        "gptqmodel's default CPU kernel (TorchAtenLinear) switches to a no-grad kernel for good when its first forward "
+        'runs in eval mode without gradients; load the GPTQ model with GPTQConfig(bits=..., backend="gptq_torch"), or '
+        "run the first forward in training mode"
+    )
+
+    @classmethod
+    def matches(cls, layer: nn.Module) -> bool:
+        if not type(layer).__module__.startswith("gptqmodel"):
+            return False
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+        return isinstance(layer, BaseQuantLinear)
+
+    def _facts(self) -> BaseFormat:
+        layer = self.layer
+        bits = int(getattr(layer, "bits", 4))
+        group = getattr(layer, "group_size", None)
+        group = int(group) if group not in (None, -1) else None
+        return BaseFormat("gptq", f"int{bits}", bits, "linear", layer.in_features, layer.out_features, False, False,
+                          group)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.layer.dequantize_weight().T.to(dtype).contiguous()  # gptqmodel gives (in, out)
+
+    def save_state(self) -> dict[str, Any]:
+        return {}  # never written to, so nothing to restore
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+#: every known format, probed in order; the first whose ``matches`` is true describes the layer
+FORMATS: tuple[type[WeightFormat], ...] = (IntFormat, Bnb4bitFormat, Bnb8bitFormat, GptqFormat, FloatFormat)
+
+
+def _unsupported_reason(layer: nn.Module) -> str:
     weight = getattr(layer, "weight", None)
-    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.is_floating_point():
-        return None  # e.g. a tensor-subclass (torchao) weight: not a plain float layer
-    dtype = str(weight.dtype).removeprefix("torch.")
-    bits = weight.element_size() * 8
-    if isinstance(layer, nn.Linear):
-        return BaseFormat("torch", dtype, bits, "linear", layer.in_features, layer.out_features, True)
-    if isinstance(layer, nn.Conv2d):
-        return BaseFormat("torch", dtype, bits, "conv2d", layer.in_channels, layer.out_channels, True)
-    return None
+    if isinstance(layer, (nn.Linear, nn.Conv2d)) and isinstance(weight, torch.Tensor):
+        if type(weight) not in (nn.Parameter, torch.Tensor):
+            kind = f"{type(weight).__module__}.{type(weight).__qualname__}"
+            return (f"its weight is a tensor subclass ({kind}, e.g. torchao's quantized weights), a format peft-quant "
+                    "does not read yet")
+        return f"its weight has dtype {weight.dtype}, not a float dtype"
+    return f"{type(layer).__module__}.{type(layer).__qualname__} is not a supported layer type"
 
 
-def describe(layer: nn.Module) -> BaseFormat:
-    """Describe a base layer, or raise :class:`UnsupportedLayerError` listing what is supported."""
-    for probe in (_int_format, _bnb_format, _gptq_format, _float_format):
-        found = probe(layer)
-        if found is not None:
-            return found
+def resolve_format(layer: nn.Module) -> WeightFormat:
+    """The :class:`WeightFormat` of a base layer, or :class:`UnsupportedLayerError` naming what is supported."""
+    for fmt in FORMATS:
+        if fmt.matches(layer):
+            return fmt(layer)
     raise UnsupportedLayerError(
-        f"Cannot target a layer of type {type(layer).__module__}.{type(layer).__qualname__}. "
-        f"Supported base layers: {SUPPORTED_LAYERS}. Fix: narrow `target_modules` to such layers."
+        f"Cannot target a layer of type {type(layer).__module__}.{type(layer).__qualname__}: "
+        f"{_unsupported_reason(layer)}. Supported base layers: {SUPPORTED_LAYERS}. Fix: narrow `target_modules` to "
+        "such layers (or dequantize this one first)."
     )
 
 
-def quantization_backend(layer: nn.Module):
-    """PEFT's backend object for a quantized layer (``None`` for float layers and peft-quant's own format)."""
-    from peft.utils import resolve_quantization_backend
-
-    from .int_quant import IntQuantized
-
-    if isinstance(layer, IntQuantized):
-        return None
-
-    return resolve_quantization_backend(layer)
-
-
-def _unpack_bnb_cpu_layout(layer: nn.Module) -> None:
-    """Undo bitsandbytes' in-place CPU repacking of a 4-bit weight, so it can be dequantized.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place at its first eval-mode
-    forward; dequantizing the repacked weight gives wrong numbers (0.1 absolute error seen on a 64x64 layer), so
-    a merge would silently corrupt the layer. bitsandbytes undoes the packing itself before saving; so do we
-    before reading or writing the weight.
-    """
-    state = getattr(getattr(layer, "weight", None), "quant_state", None)
-    if not getattr(state, "packing_format_for_cpu", False):
-        return
-    inverse = getattr(sys.modules["bitsandbytes"].functional, "_convert_weight_packed_for_cpu_inverse", None)
-    if inverse is None:
-        raise RuntimeError(
-            "This bitsandbytes Linear4bit weight is in bitsandbytes' CPU-packed layout and this bitsandbytes "
-            "version offers no way to undo it, so it cannot be merged correctly. Fix: merge before running the "
-            "model in eval mode on CPU, or upgrade bitsandbytes."
-        )
-    layer.weight.data, layer.weight.quant_state = inverse(layer.weight.data, state)
-
-
-def dequantized_weight(peft_layer) -> torch.Tensor:
-    """The base layer's weight as a float tensor (a copy for quantized layers)."""
-    _unpack_bnb_cpu_layout(peft_layer.get_base_layer())
-    fmt = describe(peft_layer.get_base_layer())
-    if not fmt.mergeable:
-        raise TypeError(
-            f"{fmt.label} layers cannot be dequantized for merging. Keep the adapter unmerged (it runs on the "
-            "quantized layer as is), or call `unload()` to get the untouched base model back."
-        )
-    from .int_quant import IntQuantized
-
-    base = peft_layer.get_base_layer()
-    if isinstance(base, IntQuantized):
-        return base.dequantize()
-    return peft_layer.get_base_weight()
-
-
-def store_weight(peft_layer, weight: torch.Tensor) -> float:
-    """Write a float weight into the base layer in its own format; return the relative re-quantization error.
-
-    The error is ``||stored - weight||_F / ||weight||_F`` measured after the round trip: zero for float layers
-    up to the cast to their dtype, bitsandbytes' rounding for quantized ones.
-    """
-    from .int_quant import IntQuantized
-
-    base = peft_layer.get_base_layer()
-    _unpack_bnb_cpu_layout(base)
-    if isinstance(base, IntQuantized):
-        base.requantize_(weight)
-    else:
-        target_dtype = base.weight.dtype if describe(base).backend == "torch" else torch.float32
-        peft_layer.set_base_weight(weight.to(target_dtype))
-    stored = dequantized_weight(peft_layer).to(torch.float64)
-    reference = weight.to(torch.float64)
-    return float((stored - reference).norm() / reference.norm().clamp_min(1e-30))
-
-
-def fold_output_scale(base: nn.Module, factor: torch.Tensor) -> bool:
-    """Multiply each output channel ``o`` of ``base``'s weight by ``factor[o]`` through the format's own scales.
-
-    Exact up to float rounding, and nothing is re-quantized, for: float layers; peft-quant's integer format (the
-    per-channel scale); bitsandbytes ``Linear8bitLt`` (its per-row ``SCB``); bitsandbytes ``Linear4bit`` without
-    double quantization whose quantization blocks each lie inside one row (``in_features`` a multiple of the block
-    size). Returns ``False``, changing nothing, for any other format (the caller re-quantizes instead).
-    """
-    from .int_quant import IntQuantized
-
-    fmt = describe(base)
-    factor = factor.detach()
-    if isinstance(base, IntQuantized):
-        base.scale_output_channels_(factor)
-        return True
-    if fmt.backend == "torch":
-        with torch.no_grad():
-            shape = (-1,) + (1,) * (base.weight.dim() - 1)
-            base.weight.mul_(factor.to(base.weight).view(shape))
-        return True
-    if fmt.backend != "bitsandbytes":
-        return False
-    _unpack_bnb_cpu_layout(base)
-    if fmt.scheme == "int8":
-        # row-wise absmax, W = CB · SCB / 127; bitsandbytes moves it to the layer's state at the first forward
-        scb = base.weight.SCB if getattr(base.weight, "SCB", None) is not None else base.state.SCB
-        scb.mul_(factor.to(scb))
-        return True
-    state = base.weight.quant_state
-    if state.nested or base.in_features % state.blocksize:
-        return False
-    absmax = state.absmax.view(base.out_features, -1)  # (out, blocks per row)
-    absmax.mul_(factor.to(absmax)[:, None])
-    return True
+def describe(layer: nn.Module) -> BaseFormat:
+    """The facts of a base layer's format (raises :class:`UnsupportedLayerError` for unsupported layers)."""
+    return resolve_format(layer).facts
 
 
 def read_weight(layer: nn.Module) -> torch.Tensor:
-    """A copy of any supported base layer's weight in float32, ``(out, in[, kh, kw])`` (GPTQ included: reading is
+    """A float32 copy of any supported base layer's weight, ``(out, in[, kh, kw])`` (GPTQ included: reading is
     possible even where writing back is not)."""
-    from .int_quant import IntQuantized
+    return resolve_format(layer).dequantize(torch.float32)
 
-    fmt = describe(layer)
-    if isinstance(layer, IntQuantized):
-        return layer.dequantize(torch.float32)
-    if fmt.backend == "torch":
-        return layer.weight.detach().to(torch.float32).clone()
-    if fmt.backend == "gptq":
-        return layer.dequantize_weight().T.to(torch.float32).contiguous()  # gptqmodel gives (in, out)
-    from peft.utils.integrations import dequantize_bnb_weight
 
-    _unpack_bnb_cpu_layout(layer)
-    return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).to(torch.float32)
+def fold_output_scale(layer: nn.Module, factor: torch.Tensor) -> bool:
+    """:meth:`WeightFormat.fold_output_scale` of ``layer``'s format."""
+    return resolve_format(layer).fold_output_scale(factor)

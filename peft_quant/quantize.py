@@ -66,7 +66,11 @@ def quantize_model(
     double_quant: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """Quantize ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers in place and return ``model``.
+    """Quantize ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers in place and return ``model`` (or, when ``model``
+    is itself a Linear or Conv2d, the quantized layer that replaces it: use the return value).
+
+    Applied to a PEFT model, it quantizes the base layers under the adapters (each adapter layer re-resolves its base
+    format) and never the adapters' own trained modules.
 
     Args:
         bits: 4 or 8.
@@ -85,9 +89,10 @@ def quantize_model(
         raise ValueError(f"quantize_model backend must be 'int' or 'bitsandbytes', got {backend!r}.")
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quantize_model quant_type must be 'nf4' or 'fp4', got {quant_type!r}.")
+    adapters = _adapter_prefixes(model)
     swaps = []
     for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, nn.Conv2d):
+        if type(module) not in (nn.Linear, nn.Conv2d) or _inside(name, adapters):
             continue
         if target_modules is not None and not _matches(name, target_modules):
             continue
@@ -107,6 +112,26 @@ def quantize_model(
             new = _bnb_linear(module, bits, quant_type, double_quant, compute_dtype)
         else:
             new = IntLinear(module, bits)
+        if not name:
+            return new  # the model is itself the layer: it cannot be swapped in place
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
+
+
+def _adapter_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Names of the modules that belong to PEFT adapters (a tuner layer's children other than its ``base_layer``,
+    e.g. StashQuant's trained copies; the copies of ``modules_to_save``): those train in float and are never
+    quantized."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kept = ("base_layer", "original_module")
+    return tuple(
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+        for child, _ in module.named_children() if child not in kept
+    )
+
+
+def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)

@@ -7,29 +7,56 @@ import logging
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .adapter_checks import check_adapter_fits
 from .model_card import collect_card_facts
-from .quant_formats import UnsupportedLayerError
+from .quant_formats import BaseFormat, UnsupportedLayerError, WeightFormat, resolve_format
 
 logger = logging.getLogger(__name__)
 
 
 class PeftQuantLayer(BaseTunerLayer):
-    """Base of peft-quant's tuner layers: common bookkeeping, and what a forward does when no adapter applies."""
+    """Base of peft-quant's tuner layers: the base layer's format, merges that never lose the base, and what a forward
+    does when no adapter applies.
+
+    Merging goes through the base's :class:`~peft_quant.quant_formats.WeightFormat`: the first merge keeps an exact
+    copy of the base's stored tensors (``save_state``: the quantized codes and scales, a few bytes per weight, held
+    only while merged), and unmerging puts them back bit for bit, so any number of merge/unmerge cycles is exact. A
+    method supplies :meth:`_merged_weight` (the unmerged layer's effective weight, in float64) and may supply
+    :meth:`_fold_exactly` (a merge without re-quantization).
+    """
 
     def _init_base(self, base_layer: nn.Module, adapter_name: str) -> None:
-        """Hold ``base_layer`` and describe it (raises UnsupportedLayerError for unsupported types)."""
-        from .quant_formats import describe
-
+        """Hold ``base_layer`` and resolve its format (raises UnsupportedLayerError for unsupported types)."""
         self.base_layer = base_layer
-        self.base_format = describe(base_layer)
-        self.in_features = self.base_format.in_features
-        self.out_features = self.base_format.out_features
+        self._weight_format = resolve_format(base_layer)
+        self.in_features = self._weight_format.facts.in_features
+        self.out_features = self._weight_format.facts.out_features
         self.merged_adapters: list[str] = []
         self.requantization_error: dict[str, float] = {}  # per merged adapter, for peft_quant_merge_report
+        self._unmerged_base: Optional[tuple[nn.Module, dict[str, Any]]] = None  # (base layer, its saved state)
         self._active_adapter = adapter_name
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """The base layer's format, re-resolved when the base layer was replaced (e.g. by ``quantize_model``)."""
+        base = self.get_base_layer()
+        if self._weight_format.layer is not base:
+            self._weight_format = resolve_format(base)
+        return self._weight_format
+
+    @property
+    def base_format(self) -> BaseFormat:
+        """The facts of the base layer's format (for errors, repr and the model card)."""
+        return self.weight_format.facts
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base layer's float weight as its forward uses it (dequantized for quantized bases), as PEFT's layers
+        with a quantization backend return it."""
+        fmt = self.weight_format
+        return fmt.dequantize(fmt.compute_dtype)
 
     def _inactive_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
         """The base layer's output when adapters are disabled (unmerging first) or merged; ``None`` otherwise."""
@@ -38,6 +65,58 @@ class PeftQuantLayer(BaseTunerLayer):
         if self.disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         return None
+
+    # ---- merging -------------------------------------------------------------------------------------------------
+
+    def _has_adapter(self, name: str) -> bool:
+        return any(name in getattr(self, table) for table in self.adapter_layer_names)
+
+    def _merged_weight(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The weight of this layer with adapters ``names`` applied to ``weight`` (float64): what the unmerged
+        forward computes with."""
+        raise NotImplementedError
+
+    def _fold_exactly(self, names: list[str]) -> bool:
+        """Fold adapters ``names`` into the base without re-quantizing, where the format allows; ``False`` (changing
+        nothing) otherwise."""
+        return False
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge adapters into the base layer, in the base's own format.
+
+        The relative error of the merged weight (as the merged layer's forward uses it, in its compute dtype) against
+        the unmerged layer's effective weight (float64) is kept in ``self.requantization_error[adapter]``: zero up to
+        float rounding for float bases and exact folds, the re-quantization error otherwise.
+        """
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if self._has_adapter(n)]
+        if not names:
+            return
+        fmt = self.weight_format
+        fmt.check_mergeable()
+        current = fmt.dequantize(torch.float64)
+        target = self._merged_weight(current, names)
+        if safe_merge and not torch.isfinite(target).all():
+            raise ValueError(f"NaNs or Infs in the merged weight of adapter(s) {names}; the adapter seems broken.")
+        if not self.merged:
+            self._unmerged_base = (fmt.layer, fmt.save_state())
+        if not self._fold_exactly(names):
+            fmt.requantize(target)
+        stored = fmt.dequantize(fmt.compute_dtype).to(torch.float64)
+        error = float((stored - target).norm() / target.norm().clamp_min(1e-30))
+        for name in names:
+            self.requantization_error[name] = error
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Put the base layer's stored tensors back exactly as they were before the first merge."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        layer, state = self._unmerged_base
+        self.base_layer = layer
+        resolve_format(layer).restore_state(state)
+        self._unmerged_base = None
+        self.merged_adapters.clear()
 
 
 class PeftQuantTuner(BaseTuner):
@@ -101,8 +180,8 @@ class PeftQuantTuner(BaseTuner):
         if frozen:
             raise ValueError(
                 f"{self.method_name} cannot merge into these layers, whose kernels offer no way to re-quantize a "
-                f"changed weight: {', '.join(frozen[:5])}{' ...' if len(frozen) > 5 else ''}. Keep the adapter "
-                f"unmerged ({self.method_name} runs on the quantized layer as is), or `unload()` to get the base "
+                f"changed weight: {', '.join(frozen[:5])}{' ...' if len(frozen) > 5 else ''}. Fix: keep the "
+                f"adapter unmerged ({self.method_name} runs on the quantized layer as is), or `unload()` to get the base "
                 "model back."
             )
 
@@ -151,30 +230,5 @@ class PeftQuantTuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Refuse, with a clear message, an adapter whose tensors do not fit this model's layers."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        params = dict(model.named_parameters())
-        suffixes = tuple(f".{table}.{adapter_name}" for table in cls.tuner_layer_cls.adapter_layer_names)
-        expected = {key for key in params if key.endswith(suffixes)}
-
-        def lookup(key: str) -> Optional[torch.Tensor]:
-            return params.get(key, params.get(key.removeprefix("base_model.model.")))
-
-        problems = []
-        for key, tensor in remapped.items():
-            if not key.endswith(suffixes):
-                continue
-            target = lookup(key)
-            if target is None:
-                problems.append(f"{key}: no such {cls.method_name} layer in this model")
-            elif target.shape != tensor.shape:
-                problems.append(f"{key}: adapter {tuple(tensor.shape)} vs model {tuple(target.shape)}")
-            expected.discard(key)
-            expected.discard(key.removeprefix("base_model.model."))
-        problems += [f"{key}: missing from the adapter file" for key in sorted(expected)]
-        if problems:
-            raise ValueError(
-                f"This {cls.method_name} adapter does not fit the model it is loaded onto (was it trained on another "
-                f"base model, base_model_name_or_path={config.base_model_name_or_path!r}?): "
-                + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
-                + f". Fix: load it onto the base model it was trained on, {cls.fit_hint}."
-            )
+        check_adapter_fits(cls, model, config, adapter_name, remapped)
         return remapped

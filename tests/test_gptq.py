@@ -38,7 +38,7 @@ def test_forward_backward_against_dequantized_float64(tiny_gptq_dir):
 
 def test_merge_is_refused_with_the_fix(tiny_gptq_dir):
     model = _wrapped(tiny_gptq_dir)
-    with pytest.raises(ValueError, match=r"cannot merge into these layers.*gptq int4.*Keep the adapter unmerged"):
+    with pytest.raises(ValueError, match=r"cannot merge into these layers.*gptq int4.*Fix: keep the adapter unmerged"):
         model.merge_and_unload()
     assert model.unload().model.layers[1].mlp.down_proj.__class__.__name__ == "TorchLinear"
 

@@ -7,20 +7,15 @@ the base layer's own forward runs unchanged, and only merging needs to touch the
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..kernels import qoft as qoft_kernels
-from ..quant_formats import dequantized_weight, quantization_backend, store_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QOFTConfig
 from .rotation import num_packed, rotate
-
-logger = logging.getLogger(__name__)
 
 
 class QOFTLayer(nn.Module, PeftQuantLayer):
@@ -35,7 +30,6 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QOFTConfig, layer_name: str = "") -> None:
         super().__init__()
         self._init_base(base_layer, adapter_name)
-        self.quantization_backend = quantization_backend(self.get_base_layer())
         self.qoft_Q = nn.ParameterDict()
         self.qoft_block_size: dict[str, int] = {}
         self.qoft_num_terms: dict[str, int] = {}
@@ -64,17 +58,16 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
             if block < 2:
                 raise ValueError(f"QOFT num_blocks={config.num_blocks} leaves blocks of width 1 in {where}.")
         blocks = 1 if config.block_share else width // block
-        base = self.get_base_layer()
-        tensor = next(iter(base.parameters()), None)
-        tensor = tensor if tensor is not None else next(iter(base.buffers()), None)  # GPTQ layers hold buffers only
-        device = tensor.device if tensor is not None and tensor.device.type != "meta" else None
-        packed = torch.zeros(blocks, num_packed(block), device=device, dtype=torch.float32)
+        packed = torch.zeros(blocks, num_packed(block), dtype=torch.float32)
         if not config.init_weights:
             packed.normal_(0.0, 0.1 / block**0.5)
         self.qoft_Q[adapter_name] = nn.Parameter(packed)
         self.qoft_block_size[adapter_name] = block
         self.qoft_num_terms[adapter_name] = config.num_neumann_terms
         self.qoft_dropout[adapter_name] = config.module_dropout
+        # PEFT's dtype policy: the base's device and float (compute) dtype; PEFT upcasts to float32 afterwards unless
+        # autocast_adapter_dtype=False
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def rotation(self, adapter_name: str) -> torch.Tensor:
@@ -111,14 +104,7 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
                 else:
                     x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
-        if x.requires_grad and not out.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"The base layer ({self.base_format.label}, {type(self.get_base_layer()).__name__}) returned an "
-                "output without gradient for an input that needs one, so QOFT's rotation would silently get no "
-                "gradient. gptqmodel's default CPU kernel (TorchAtenLinear) switches to a no-grad kernel for good "
-                "when its first forward runs in eval mode without gradients. Fix: load the GPTQ model with "
-                "GPTQConfig(bits=..., backend=\"gptq_torch\"), or run the first forward in training mode."
-            )
+        self.weight_format.check_input_grad(x, out)
         return out
 
     # ---- merging -------------------------------------------------------------------------------------------------
@@ -127,46 +113,18 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
         blocks = self.rotation(adapter_name).detach().to(torch.float64)
         return blocks.expand(self.in_features // blocks.shape[-1], -1, -1)
 
-    def _apply_to_weight(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """``weight`` with every input-channel block ``w_j`` replaced by ``w_j @ blocks_j``, in float64."""
+    def _merged_weight(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``W Rᵀ`` for each adapter, last active first, so the merged layer equals the unmerged forward (which
+        rotates the input by each active adapter in turn); every input-channel block ``w_j`` becomes ``w_j R_jᵀ``."""
         base = self.get_base_layer()
         if self.base_format.layer_type == "conv2d" and base.groups != 1:
             raise ValueError(
                 f"Merging QOFT into a grouped Conv2d (groups={base.groups}) is not supported: a rotation mixes "
-                "channels of different groups. Keep the adapter unmerged (its forward is exact)."
+                "channels of different groups. Fix: keep the adapter unmerged (its forward is exact)."
             )
-        return rotate(weight.to(torch.float64), blocks, dim=1)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold rotations into the base weight: ``W ← W Rᵀ``; re-quantizes quantized bases in their own format.
-
-        Several adapters are folded so that the merged layer equals the unmerged forward (which rotates the
-        input by each active adapter in turn). For quantized bases the relative re-quantization error is kept
-        in ``self.requantization_error[adapter]``.
-        """
-        names = check_adapters_to_merge(self, adapter_names)
         for name in reversed(names):
-            if name not in self.qoft_Q:
-                continue
-            weight = dequantized_weight(self)
-            merged = self._apply_to_weight(weight, self._full_blocks(name).transpose(-1, -2))
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or Infs in the merged weight of adapter {name!r}; the adapter seems broken.")
-            self.requantization_error[name] = store_weight(self, merged)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Undo merges (last merged first) with the exact inverse of each rotation, not its transpose: the
-        Neumann-truncated ``R`` is orthogonal only up to the truncation."""
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.qoft_Q:
-                continue
-            inverse = torch.linalg.inv(self._full_blocks(name)).transpose(-1, -2)
-            store_weight(self, self._apply_to_weight(dequantized_weight(self), inverse))
+            weight = rotate(weight, self._full_blocks(name).transpose(-1, -2), dim=1)
+        return weight
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The full block-diagonal ``Rᵀ`` (``in × in``) this adapter multiplies the weight by on merge."""

@@ -13,22 +13,18 @@ dequantize-matmul kernel with both scalings and the bias fused.
 
 from __future__ import annotations
 
-import logging
+import math
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..int_quant import IntLinear
 from ..kernels.backend import use_triton
 from ..kernels.timestep_scale import int_linear, scale_channels
-from ..quant_formats import dequantized_weight, fold_output_scale, store_weight
 from ..tuner_base import PeftQuantLayer
 from .config import TimestepScaleConfig
 from .routing import RoutingError, TimestepRouter
-
-logger = logging.getLogger(__name__)
 
 
 class TimestepScaleLayer(nn.Module, PeftQuantLayer):
@@ -56,21 +52,20 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
 
     def update_layer(self, adapter_name: str, config: TimestepScaleConfig, layer_name: str = "") -> None:
         """Create adapter ``adapter_name``'s scales: ones (identity) unless ``init_weights=False``."""
-        base = self.get_base_layer()
-        tensor = next(iter(base.parameters()), None)
-        tensor = tensor if tensor is not None else next(iter(base.buffers()), None)
-        device = tensor.device if tensor is not None and tensor.device.type != "meta" else None
         for store, width, enabled in (
             (self.ts_scale_in, self.in_features, config.train_input_scales),
             (self.ts_scale_out, self.out_features, config.train_output_scales),
         ):
             if not enabled:
                 continue
-            scales = torch.ones(config.num_experts, width, device=device)
+            scales = torch.ones(config.num_experts, width)
             if not config.init_weights:
                 scales.uniform_(0.5, 1.5)
             store[adapter_name] = nn.Parameter(scales)
         self.ts_boundaries[adapter_name] = config.boundaries
+        # PEFT's dtype policy: the base's device and float (compute) dtype; PEFT upcasts to float32 afterwards unless
+        # autocast_adapter_dtype=False
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     @property
@@ -112,6 +107,7 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
                 table = self.ts_scale_in[name]
                 x = scale_channels(x, table, self._experts(table, name, x), self._channel_dim)
         out = self.base_layer(x, *args, **kwargs)
+        self.weight_format.check_input_grad(x, out)
         bias = getattr(self.get_base_layer(), "bias", None)
         for name in active:  # out ⊙ s + b ⊙ (1 − s) = (out − b) ⊙ s + b: the frozen bias stays unscaled
             if name in self.ts_scale_out:
@@ -127,45 +123,46 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
         if table[name].shape[0] != 1:
             raise ValueError(
                 f"Adapter {name!r} has {table[name].shape[0]} timestep experts, and one merged weight cannot hold "
-                "several: merging would silently pick one expert for every timestep. Keep the adapter unmerged (it "
-                "runs on the quantized layers as they are, swapping scales per step), or train with num_experts=1."
+                "several: merging would silently pick one expert for every timestep. Fix: keep the adapter unmerged "
+                "(it runs on the quantized layers as they are, swapping scales per step), or train with num_experts=1."
             )
         return table[name].detach()[0]
 
-    def _apply_scales(self, s_in: Optional[torch.Tensor], s_out: Optional[torch.Tensor]) -> float:
-        """``W ← diag(s_out) W diag(s_in)`` in the base layer's own format; returns the re-quantization error."""
-        base = self.get_base_layer()
-        error = 0.0
+    def _scales(self, names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The products over adapters ``names`` of their single-expert ``(s_in, s_out)``, in float64 (``None`` where
+        no adapter has that side)."""
+
+        def product(table: nn.ParameterDict) -> Optional[torch.Tensor]:
+            scales = [s.to(torch.float64) for s in (self._single_expert(n, table) for n in names) if s is not None]
+            return math.prod(scales) if scales else None
+
+        return product(self.ts_scale_in), product(self.ts_scale_out)
+
+    def _merged_weight(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``diag(s_out) W diag(s_in)``: the frozen bias is unscaled in the forward, so it stays as it is."""
+        s_in, s_out = self._scales(names)
+        if s_in is not None:
+            weight = weight * s_in.view((1, -1) + (1,) * (weight.dim() - 2))
+        if s_out is not None:
+            weight = weight * s_out.view((-1,) + (1,) * (weight.dim() - 1))
+        return weight
+
+    def _fold_exactly(self, names: list[str]) -> bool:
+        """Output scales alone fold into the format's per-channel (or per-row block) scales without re-quantizing;
+        input scales never do (except the identity)."""
+        s_in, s_out = self._scales(names)
         if s_in is not None and not torch.equal(s_in, torch.ones_like(s_in)):
-            weight = dequantized_weight(self).to(torch.float64)
-            shape = (1, -1) + (1,) * (weight.dim() - 2)
-            error = store_weight(self, weight * s_in.to(torch.float64).view(shape))
-        if s_out is not None and not fold_output_scale(base, s_out):
-            weight = dequantized_weight(self).to(torch.float64)
-            shape = (-1,) + (1,) * (weight.dim() - 1)
-            error = max(error, store_weight(self, weight * s_out.to(torch.float64).view(shape)))
-        return error
+            return False
+        return s_out is None or self.weight_format.fold_output_scale(s_out)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold single-expert scales into the base layer: output scales into the format's per-channel (or per-row
         block) scales, exactly; input scales by re-quantization (exact only for float layers), error recorded in
-        ``self.requantization_error[adapter]``."""
-        for name in check_adapters_to_merge(self, adapter_names):
-            s_in, s_out = self._single_expert(name, self.ts_scale_in), self._single_expert(name, self.ts_scale_out)
-            if safe_merge and any(s is not None and not torch.isfinite(s).all() for s in (s_in, s_out)):
-                raise ValueError(f"NaNs or Infs in the scales of adapter {name!r}; the adapter seems broken.")
-            self.requantization_error[name] = self._apply_scales(s_in, s_out)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Divide merged scales back out (last merged first)."""
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            s_in, s_out = self._single_expert(name, self.ts_scale_in), self._single_expert(name, self.ts_scale_out)
-            self._apply_scales(None if s_in is None else 1 / s_in, None if s_out is None else 1 / s_out)
+        ``self.requantization_error[adapter]``. Several experts cannot merge (an error names the fix)."""
+        for name in adapter_names or self.active_adapters:
+            self._single_expert(name, self.ts_scale_in)
+            self._single_expert(name, self.ts_scale_out)
+        super().merge(safe_merge, adapter_names)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(s_out, s_in)`` of a single-expert adapter as the outer product the weight is multiplied by."""
