@@ -5,7 +5,9 @@
 Triton kernels (:mod:`.stash_triton`, imported only then) when :func:`.backend.use_triton` says so and the kernels
 cover the case (float32/float16/bfloat16 tensors, 2 to 8 bits), and the reference otherwise, so CPU results are the
 reference's bit for bit. Round-to-nearest packing is bit-identical to the reference on the same device; stochastic
-rounding draws its own random stream (seeded from ``generator``, or torch's default CPU generator).
+rounding draws its own random stream (seeded from ``generator``, or torch's default CPU generator). Outliers
+(non-finite values, mask fill values: :func:`peft_quant.stash.bfp.find_outliers`) are found and restored by the same
+torch code on both paths; the pack kernel counts them as zeros in their blocks, as the reference does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..stash import bfp as reference
-from ..stash.bfp import MAX_BITS, PackedBlocks, check_format
+from ..stash.bfp import MAX_BITS, PackedBlocks, check_format, find_outliers
 from .backend import use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,8 +39,9 @@ def pack(
         from . import stash_triton
 
         seed = _seed(generator) if stochastic else 0
+        outlier_index, outlier_values = find_outliers(x.detach().reshape(-1))
         mantissas, scales = stash_triton.pack(x, bits, block_size, scale, stochastic, seed)
-        return PackedBlocks(mantissas, scales, bits, block_size, x.shape, x.dtype)
+        return PackedBlocks(mantissas, scales, bits, block_size, x.shape, x.dtype, outlier_index, outlier_values)
     return reference.pack(x, bits, block_size, stochastic, generator, scale)
 
 

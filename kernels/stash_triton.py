@@ -6,8 +6,9 @@ stream bit ``i·bits + j``, least significant first). A group's codes are OR-ed 
 bit ``l·bits``) and the word's low ``bits`` bytes are its bytes of the stream, so every width from 2 to 8 takes the
 same path, and no code tensor ever reaches memory.
 
-* ``pack``: loads the values once (any float dtype, computed in float32), writes the bit stream and one scale per
-  block. Round-to-nearest output is bit-identical to :func:`peft_quant.stash.bfp.pack` on the same device: the
+* ``pack``: loads the values once (any float dtype, computed in float32; outliers, i.e. NaN and magnitudes not
+  below ``limit``, count as zeros, as in the reference, which keeps them aside), writes the bit stream and one scale
+  per block. Round-to-nearest output is bit-identical to :func:`peft_quant.stash.bfp.pack` on the same device: the
   scale is ``absmax / qmax`` as torch evaluates it (a true division on CPU; on CUDA torch multiplies by the float32
   reciprocal of a Python-number divisor, and so does the kernel there), rounded to bfloat16 to nearest even
   (bit arithmetic: the interpreter's cast truncates); the e8m0 exponent uses the same ``log2`` as torch's CUDA
@@ -16,7 +17,7 @@ same path, and no code tensor ever reaches memory.
   ``floor(v + u)`` with ``u`` from Philox (``tl.randint``, seed and value index) in steps of 2⁻²⁴ like
   ``torch.rand``: the same format and distribution as the reference, another random stream.
 * ``unpack``: reads the stream and scales once and writes the tensor in its dtype, bit-identical to
-  :func:`peft_quant.stash.bfp.unpack`.
+  :func:`peft_quant.stash.bfp.unpack`; the launcher then writes the outliers back.
 
 The public entry points (which pick this or the reference) are in :mod:`.stash`.
 """
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..stash.bfp import PackedBlocks
+from ..stash.bfp import PackedBlocks, outlier_limit, restore_outliers
 from .backend import interpreting
 
 VALUES_PER_PROGRAM = 2048  # each program packs or unpacks this many values: 2048 / block_size whole blocks
@@ -58,7 +59,7 @@ def _steps(scales_ptr, blocks, inside, E8M0: tl.constexpr):
 
 
 @triton.jit
-def _pack_kernel(x_ptr, stream_ptr, scales_ptr, numel, num_blocks, seed, inv_qmax,
+def _pack_kernel(x_ptr, stream_ptr, scales_ptr, numel, num_blocks, seed, inv_qmax, limit,
                  BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr, E8M0: tl.constexpr,
                  STOCHASTIC: tl.constexpr, RECIPROCAL: tl.constexpr, LIBDEVICE: tl.constexpr):
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
@@ -68,6 +69,7 @@ def _pack_kernel(x_ptr, stream_ptr, scales_ptr, numel, num_blocks, seed, inv_qma
     lanes = tl.arange(0, 8)[None, None, :]
     index = blocks[:, None, None].to(tl.int64) * BLOCK + groups * 8 + lanes  # (BLOCKS, GROUPS, 8) value index
     x = tl.load(x_ptr + index, mask=index < numel, other=0.0).to(tl.float32)  # padding: zeros, as F.pad
+    x = tl.where(tl.abs(x) < limit, x, 0.0)  # outliers (±inf, NaN, mask fill values): zeros, as the reference
     absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)  # (BLOCKS,)
     inside = blocks < num_blocks
 
@@ -133,8 +135,9 @@ def pack(
     x: torch.Tensor, bits: int, block_size: int, scale: str, stochastic: bool, seed: int,
     mantissas: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bit stream ``(padded numel · bits / 8,)`` uint8 and the scales ``(blocks,)`` (bfloat16 or int8) of ``x``;
-    ``mantissas`` and ``scales`` are optional output buffers."""
+    """The bit stream ``(padded numel · bits / 8,)`` uint8 and the scales ``(blocks,)`` (bfloat16 or int8) of ``x``,
+    its outliers counted as zeros (the caller keeps them: :func:`peft_quant.stash.bfp.find_outliers`); ``mantissas``
+    and ``scales`` are optional output buffers."""
     flat = x.detach().reshape(-1)  # a view when x is contiguous
     num_blocks, per_program, grid = _geometry(flat.numel(), block_size)
     if mantissas is None:
@@ -144,14 +147,15 @@ def pack(
     qmax = 2 ** (bits - 1) - 1
     _pack_kernel[grid](
         flat, mantissas, scales.view(torch.int16) if scale == "bf16" else scales, flat.numel(), num_blocks, seed,
-        1.0 / qmax, BITS=bits, BLOCK=block_size, BLOCKS=per_program, E8M0=scale == "e8m0", STOCHASTIC=stochastic,
-        RECIPROCAL=x.is_cuda, LIBDEVICE=not interpreting(),
+        1.0 / qmax, outlier_limit(x.dtype), BITS=bits, BLOCK=block_size, BLOCKS=per_program, E8M0=scale == "e8m0",
+        STOCHASTIC=stochastic, RECIPROCAL=x.is_cuda, LIBDEVICE=not interpreting(),
     )
     return mantissas, scales
 
 
 def unpack(packed: PackedBlocks, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The tensor ``packed`` holds (contiguous, its shape and dtype); ``out`` is an optional output buffer."""
+    """The tensor ``packed`` holds (contiguous, its shape and dtype, outliers restored); ``out`` is an optional output
+    buffer."""
     if out is None:
         out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.mantissas.device)
     num_blocks, per_program, grid = _geometry(out.numel(), packed.block_size)
@@ -162,4 +166,4 @@ def unpack(packed: PackedBlocks, out: Optional[torch.Tensor] = None) -> torch.Te
         out.view(torch.int16) if bf16 else out, out.numel(), num_blocks,
         BITS=packed.bits, BLOCK=packed.block_size, BLOCKS=per_program, E8M0=e8m0, OUT_BF16=bf16,
     )
-    return out
+    return restore_outliers(out, packed)

@@ -150,3 +150,26 @@ def test_model_gradients_through_the_packer_equal_the_reference(bits, scale):
 
     for ours, reference in zip(grads("triton"), grads("torch")):
         assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("bits, scale, dtype", [(4, "bf16", torch.float32), (8, "e8m0", torch.bfloat16),
+                                                (3, "bf16", torch.float16)])
+def test_outliers_round_trip_exactly_and_the_kernel_matches_the_reference(bits, scale, dtype):
+    """A float attention mask (-inf past each row's length) with NaN, +inf and finfo.min among the values: the kernel
+    alone counts them as zeros (bit-identical to the reference's blocks), and the entry points restore them exactly
+    and leave their neighbours finite."""
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 1, 26, 26, generator=generator)
+    x.masked_fill_(torch.arange(26) >= torch.tensor([26, 20, 9, 3])[:, None, None, None], float("-inf"))
+    x.view(-1)[[5, 600, 601]] = torch.tensor([float("nan"), float("inf"), torch.finfo(dtype).min])
+    x = x.to(dtype).to(DEVICE)
+    outlier = ~(x.abs() < torch.finfo(dtype).max / 2)
+    expected = bfp.pack(x, bits, 32, scale=scale)
+    stream, scales = _pack_into(x, bits, 32, scale, sentinel=0xFF)
+    assert _same_bits(stream, expected.mantissas) and _same_bits(scales, expected.scales)
+    with kernels("triton"):
+        packed = stash_kernels.pack(x, bits, 32, scale=scale)
+        restored = stash_kernels.unpack(packed)
+    assert torch.equal(packed.outlier_index, expected.outlier_index) and packed.outliers == int(outlier.sum())
+    assert _same_bits(restored, bfp.unpack(expected))
+    assert _same_bits(restored[outlier], x[outlier]) and torch.isfinite(restored[~outlier]).all()

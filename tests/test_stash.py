@@ -318,3 +318,55 @@ def test_views_of_one_memory_region_are_packed_once_and_restored_with_their_stri
     assert packer.original_bytes == (x.numel() + 2 * x.numel() // 2) * 8
     for got, want in zip(compressed, exact):
         assert float((got - want).norm() / want.norm()) < 0.02
+
+
+def _with_outliers(dtype=torch.float32) -> torch.Tensor:
+    """A (16, 1, 26, 26) float attention mask (-inf past each row's length) plus NaN, +inf and a mask fill value
+    (``finfo.min``) scattered among random activations."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 26, 26, generator=generator).to(dtype)
+    lengths = torch.randint(5, 27, (16,), generator=generator)
+    x.masked_fill_(torch.arange(26) >= lengths[:, None, None, None], float("-inf"))
+    flat = x.view(-1)
+    flat[[3, 700, 701]] = torch.tensor([float("nan"), float("inf"), torch.finfo(dtype).min], dtype=dtype)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits, scale", [(4, "bf16"), (8, "e8m0"), (2, "bf16")])
+def test_outliers_round_trip_exactly_and_leave_their_neighbours_alone(bits, scale, dtype):
+    x = _with_outliers(dtype)
+    outlier = ~(x.abs() < torch.finfo(dtype).max / 2)
+    assert outlier.sum() > 400
+    packed = pack(x, bits, 32, scale=scale)
+    restored = unpack(packed)
+    assert packed.outliers == int(outlier.sum())
+    assert torch.equal(restored[outlier].view(torch.uint8), x[outlier].view(torch.uint8))  # bit for bit, NaN too
+    # every other value as if the outliers were zeros: the same blocks, scales and codes
+    zeroed = unpack(pack(x.masked_fill(outlier, 0.0), bits, 32, scale=scale))
+    assert torch.equal(restored[~outlier], zeroed[~outlier]) and torch.isfinite(restored[~outlier]).all()
+    assert packed.nbytes == pack(x.masked_fill(outlier, 0.0), bits, 32, scale=scale).nbytes + int(
+        outlier.sum()) * (8 + x.element_size())
+
+
+def test_tensors_holding_outliers_are_kept_unpacked():
+    """SDPA with a float mask saves the mask (-inf where masked) for backward: it stays the very tensor, while the
+    activations beside it are packed, and the gradients stay finite and within the 8-bit bound."""
+
+    class Attention(nn.Module):
+        def forward(self, q, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, q * 2, q * 3, attn_mask=mask)
+
+    q = torch.randn(4, 2, 26, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    mask = torch.where(torch.arange(26) < torch.tensor([26, 20, 9, 4])[:, None, None, None], 0.0, float("-inf"))
+    mask = mask.expand(4, 1, 26, 26).contiguous()
+    exact = torch.autograd.grad(Attention()(q, mask).square().sum(), q)[0]
+    module = Attention()
+    packer = enable_stash(module, bits=8, min_numel=64)
+    saved = []
+    original = packer._pack
+    packer._pack = lambda t: saved.append((t, original(t))) or saved[-1][1]
+    compressed = torch.autograd.grad(module(q, mask).square().sum(), q)[0]
+    assert any(tensor is mask and kept is mask for tensor, kept in saved)
+    assert packer.packed_tensors > 0 and torch.isfinite(compressed).all()
+    assert 0 < float((compressed - exact).norm() / exact.norm()) < 0.03  # the 8-bit bound of the LoRA model

@@ -14,6 +14,14 @@ one shared scale and per value a signed ``k``-bit mantissa ``q ∈ [-(2^(k-1) - 
   range, so it costs up to one bit of precision: measured in ``bench/stash.py``, 4-bit training loses ~1.5–2× more
   than with ``"bf16"``, while at 8 bits the lost bit is of no consequence and the 8-bit scale saves 6% of memory.
 
+Outliers: values a block cannot hold exactly or safely — non-finite values (±inf, NaN) and magnitudes of at least
+half the largest finite float32 or the tensor's dtype (attention-mask fill values such as ``torch.finfo(dtype).min``,
+or activations about to overflow, whose scaled codes could round past the largest finite value) — are kept aside
+exactly with their flat index (``PackedBlocks.outlier_index`` / ``outlier_values``) and count as zero in their block, so
+they round-trip bit for bit and never touch their neighbours' scale. Without this, one ``-inf`` made its block's
+scale infinite and its finite neighbours ``0 · inf = NaN``. The side table costs 8 bytes plus the value per
+outlier; :class:`peft_quant.stash.packer.StashPacker` keeps tensors holding any outlier unpacked altogether.
+
 Error bound: round-to-nearest errs by at most half a step ``s/2`` per value; stochastic rounding by less than one
 step, unbiased. Relative to the block's absmax ``a``, a step is ``a / (2^(k-1) - 1)`` for ``"bf16"`` (to within
 bfloat16's rounding of ``s``, 2⁻⁸) and below ``2a / (2^(k-1) - 1)`` for ``"e8m0"``.
@@ -36,17 +44,18 @@ def check_format(bits: int, block_size: int, scale: str = "auto") -> str:
     """Raise a clear error for an unsupported format; return the scale format in force (``"auto"`` resolved)."""
     if not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS or bits == 16):
         raise ValueError(
-            f"StashQuant bits must be an integer from {MIN_BITS} to {MAX_BITS}, or 16 (stored unchanged), got {bits!r}."
+            f"StashQuant bits must be an integer from {MIN_BITS} to {MAX_BITS}, or 16 (stored unchanged), got "
+            f"{bits!r}. Fix: e.g. bits=4 (8 for a near-lossless stash)."
         )
     if block_size not in BLOCK_SIZES:
         raise ValueError(
             f"StashQuant block_size must be a power of two in {BLOCK_SIZES} (values sharing one exponent), got "
-            f"{block_size!r}."
+            f"{block_size!r}. Fix: block_size=32 (the default)."
         )
     if scale not in SCALE_FORMATS:
         raise ValueError(
             f"StashQuant scale must be one of {SCALE_FORMATS} (a bfloat16 scale or a power-of-two exponent per block; "
-            f"auto: the exponent at 8 bits, bfloat16 below), got {scale!r}."
+            f"auto: the exponent at 8 bits, bfloat16 below), got {scale!r}. Fix: scale='auto'."
         )
     if scale == "auto":
         return "e8m0" if bits == MAX_BITS else "bf16"
@@ -63,11 +72,44 @@ class PackedBlocks:
     block_size: int
     shape: torch.Size
     dtype: torch.dtype
+    outlier_index: Optional[torch.Tensor] = None  # int64 flat indices of the values kept exactly (None: none)
+    outlier_values: Optional[torch.Tensor] = None  # those values, in ``dtype``
+
+    @property
+    def outliers(self) -> int:
+        """How many values are kept exactly beside the blocks."""
+        return 0 if self.outlier_index is None else self.outlier_index.numel()
 
     @property
     def nbytes(self) -> int:
-        return self.mantissas.numel() + self.scales.numel() * self.scales.element_size()
+        size = self.mantissas.numel() + self.scales.numel() * self.scales.element_size()
+        if self.outlier_index is not None:
+            size += self.outlier_index.numel() * 8 + self.outlier_values.numel() * self.outlier_values.element_size()
+        return size
 
+
+def outlier_limit(dtype: torch.dtype) -> float:
+    """Magnitudes from this one up are outliers (see the module docstring): half the largest finite value of
+    ``dtype`` or float32 (the blocks compute in float32), whichever is smaller. Below it, a block's scale and every
+    decoded value stay finite in both scale formats (a bf16 scale rounds up by at most 2⁻⁸, an e8m0 one by below 2×)."""
+    return min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) / 2
+
+
+def find_outliers(flat: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The flat indices (int64) and values of ``flat``'s (1-D) outliers, or ``(None, None)`` when it has none.
+    Costs one elementwise pass and, on CUDA, one device synchronization."""
+    outlier = ~(flat.abs() < outlier_limit(flat.dtype))  # ±inf, NaN and mask fill values
+    if not bool(outlier.any()):
+        return None, None
+    index = outlier.nonzero().view(-1)
+    return index, flat[index]
+
+
+def restore_outliers(out: torch.Tensor, packed: PackedBlocks) -> torch.Tensor:
+    """Write ``packed``'s outliers back into ``out`` (its unpacked contiguous tensor), in place; returns ``out``."""
+    if packed.outlier_index is not None:
+        out.view(-1)[packed.outlier_index] = packed.outlier_values
+    return out
 
 
 def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -122,9 +164,13 @@ def pack(
     x: torch.Tensor, bits: int, block_size: int = 32, stochastic: bool = False,
     generator: Optional[torch.Generator] = None, scale: str = "auto",
 ) -> PackedBlocks:
-    """Compress a floating tensor to block floating point."""
+    """Compress a floating tensor to block floating point (outliers kept exactly beside the blocks)."""
     scale = check_format(bits, block_size, scale)
-    flat = x.detach().reshape(-1).to(torch.float32)
+    flat = x.detach().reshape(-1)
+    outlier_index, outlier_values = find_outliers(flat)
+    if outlier_index is not None:  # outliers count as zeros in their blocks
+        flat = flat.index_fill(0, outlier_index, 0.0)
+    flat = flat.to(torch.float32)
     blocks = F.pad(flat, (0, (-flat.numel()) % block_size)).view(-1, block_size)  # (blocks, block_size)
     qmax = 2 ** (bits - 1) - 1
     scales = encode_scales(blocks.abs().amax(dim=1), bits, scale)
@@ -134,7 +180,8 @@ def pack(
     else:
         scaled = torch.round(scaled)
     codes = (scaled.clamp(-qmax, qmax) + qmax).to(torch.uint8).reshape(-1)  # offset to [0, 2·qmax]
-    return PackedBlocks(_pack_bits(codes, bits), scales, bits, block_size, x.shape, x.dtype)
+    return PackedBlocks(_pack_bits(codes, bits), scales, bits, block_size, x.shape, x.dtype, outlier_index,
+                        outlier_values)
 
 
 def unpack(packed: PackedBlocks) -> torch.Tensor:
@@ -143,4 +190,4 @@ def unpack(packed: PackedBlocks) -> torch.Tensor:
     codes = _unpack_bits(packed.mantissas, packed.bits).to(torch.float32) - qmax
     blocks = codes.view(-1, packed.block_size) * decode_scales(packed.scales)[:, None]
     numel = packed.shape.numel()
-    return blocks.reshape(-1)[:numel].reshape(packed.shape).to(packed.dtype)
+    return restore_outliers(blocks.reshape(-1)[:numel].reshape(packed.shape).to(packed.dtype), packed)

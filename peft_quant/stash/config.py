@@ -9,7 +9,7 @@ from peft.utils import PeftType
 
 from ..config_base import PeftQuantConfig, strict_fields
 from .bfp import check_format
-from .packer import BitSchedule
+from .packer import BitSchedule, check_packer_options
 
 
 @strict_fields
@@ -74,13 +74,15 @@ class StashQuantConfig(PeftQuantConfig):
             )
         self.target_modules = sorted(set(self.target_modules))
         check_format(self.bits, self.block_size, self.scale)
+        check_packer_options(self.min_numel, self.stochastic_rounding)
         self.packer_settings()  # validates the schedule
 
     def packer_settings(self) -> dict[str, Any]:
         """Keyword arguments of :func:`peft_quant.enable_stash` equal to this config."""
-        settings = dict(bits=self.bits, milestones=[tuple(m) for m in self.milestones], unit=self.unit,
+        settings = dict(bits=self.bits, milestones=self.milestones, unit=self.unit,
                         plateau_patience=self.plateau_patience, plateau_min_delta=self.plateau_min_delta,
                         block_size=self.block_size, scale=self.scale, stochastic_rounding=self.stochastic_rounding,
                         min_numel=self.min_numel)
-        BitSchedule(initial_bits=self.bits, milestones=settings["milestones"], unit=self.unit)
+        BitSchedule(initial_bits=self.bits, milestones=settings["milestones"], unit=self.unit,
+                    plateau_patience=self.plateau_patience, plateau_min_delta=self.plateau_min_delta)
         return settings

@@ -1,24 +1,31 @@
 """Compress what autograd saves for backward during a module's forward, with a bit width that rises over training.
 
 :class:`StashPacker` installs ``torch.autograd.graph.saved_tensors_hooks`` for exactly the duration of the module's
-forward (a pre-hook enters, a post-hook that always runs leaves). Floating tensors of at least ``min_numel``
-values are packed to block floating point (:mod:`peft_quant.stash.bfp`); parameters and their views (anything
-sharing a parameter's storage), integer and bool tensors, small tensors, and everything at 16 bits pass through
-untouched, and so are tensors at least 16 times smaller than the largest saved so far in the forward (softmax
-log-sum-exps, normalization statistics: backward exponentiates or divides by them, so their error would be
-amplified, and they are small). A tensor saved by several operations (the input shared by q, k and v) is packed
-once, and so is memory saved through several views (a hidden state saved as ``(batch, seq, width)`` by one op and
-as ``(batch·seq, width)`` or transposed by another): dense views are packed as their storage region and restored
-with their own shape and strides. Backward runs outside the forward, so segments that gradient checkpointing
-recomputes are not packed again (the checkpoint keeps its own saved tensors).
+forward (a pre-hook enters, a post-hook that always runs leaves). Floating tensors of at least ``min_numel`` values are
+packed to block floating point (:mod:`peft_quant.stash.bfp`); parameters and their views (anything sharing a parameter's
+storage), integer and bool tensors, small tensors, and everything at 16 bits pass through untouched, and so are tensors
+at least 16 times smaller than the largest saved so far in the forward (softmax log-sum-exps, normalization statistics:
+backward exponentiates or divides by them, so their error would be amplified, and they are small). Tensors holding any
+outlier of the format (±inf, NaN, or a magnitude of at least half the dtype's largest:
+:func:`peft_quant.stash.bfp.find_outliers`) pass through untouched too: that rule catches attention masks (``-inf`` or
+``torch.finfo(dtype).min`` where masked) without knowing which tensor is a mask, and masks are not activations worth
+compressing (mostly zeros and fill values; no gradient flows into them). A run whose activations already overflowed
+keeps them exact, as an uncompressed run would. The check costs one extra pass over the tensor and, on CUDA, one device
+synchronization per packed tensor. A tensor saved by several operations (the input shared by q, k and v) is packed once,
+and so is memory saved through several views (a hidden state saved as ``(batch, seq, width)`` by one op and as
+``(batch·seq, width)`` or transposed by another): dense views are packed as their storage region and restored with their
+own shape and strides. Backward runs outside the forward, so segments that gradient checkpointing recomputes are not
+packed again (the checkpoint keeps its own saved tensors).
 
-:class:`BitSchedule` gives the bit width as a function of training progress: milestones over steps or fractions of
-the run, and optionally a loss-plateau trigger; it never decreases.
+:class:`BitSchedule` gives the bit width as a function of training progress: milestones over steps or fractions of the
+run, and optionally a loss-plateau trigger; it never decreases.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -49,17 +56,41 @@ class BitSchedule:
 
     def __post_init__(self) -> None:
         if self.unit not in ("fraction", "step"):
-            raise ValueError(f"StashQuant schedule unit must be 'fraction' or 'step', got {self.unit!r}.")
-        points = [(float(p), int(b)) for p, b in self.milestones]
+            raise ValueError(
+                f"StashQuant schedule unit must be 'fraction' or 'step', got {self.unit!r}. Fix: unit='fraction' "
+                "(milestones at fractions of the run) or unit='step'."
+            )
+        if isinstance(self.milestones, (str, bytes)) or not isinstance(self.milestones, Sequence):
+            raise ValueError(
+                f"StashQuant milestones must be a list of [progress, bits] pairs, got {self.milestones!r}. Fix: e.g. "
+                "milestones=[[0.5, 8]], or [] to keep `bits` for the whole run."
+            )
+        points = [_milestone(m) for m in self.milestones]
+        if self.plateau_patience is not None and not (_is_int(self.plateau_patience) and self.plateau_patience >= 1):
+            raise ValueError(
+                f"StashQuant plateau_patience must be a positive integer (reports without improvement) or None, got "
+                f"{self.plateau_patience!r}. Fix: e.g. plateau_patience=3, or None to turn the plateau trigger off."
+            )
+        if not (_is_real(self.plateau_min_delta) and self.plateau_min_delta >= 0):
+            raise ValueError(
+                f"StashQuant plateau_min_delta must be a non-negative number (a loss improvement), got "
+                f"{self.plateau_min_delta!r}. Fix: e.g. plateau_min_delta=0.01."
+            )
         for _, b in [(0.0, self.initial_bits), *points]:
             check_format(b, 32)
         if [p for p, _ in points] != sorted(p for p, _ in points):
-            raise ValueError(f"StashQuant milestones must be sorted by progress, got {points}.")
+            raise ValueError(f"StashQuant milestones must be sorted by progress, got {points}. Fix: sort them.")
         widths = [self.initial_bits] + [b for _, b in points]
         if any(later < earlier for earlier, later in zip(widths, widths[1:])):
-            raise ValueError(f"StashQuant bits must rise monotonically over training, got {widths}.")
+            raise ValueError(
+                f"StashQuant bits must rise monotonically over training, got {widths}. Fix: give each milestone at "
+                "least the bits of the one before (and `bits` at most the first milestone's)."
+            )
         if self.unit == "fraction" and any(not 0 <= p <= 1 for p, _ in points):
-            raise ValueError("StashQuant milestones with unit='fraction' must lie in [0, 1].")
+            raise ValueError(
+                f"StashQuant milestones with unit='fraction' must lie in [0, 1], got {points}. Fix: give fractions of "
+                "the run, or unit='step' for step numbers."
+            )
         self.milestones = points
         self.bits = self.initial_bits
         self._best: Optional[float] = None
@@ -71,7 +102,10 @@ class BitSchedule:
         if self.milestones:
             if self.unit == "fraction":
                 if not total_steps:
-                    raise ValueError("A StashQuant schedule in fractions of the run needs total_steps.")
+                    raise ValueError(
+                        "A StashQuant schedule in fractions of the run needs total_steps. Fix: call "
+                        "update(step, total_steps), or use unit='step'."
+                    )
                 progress = step / total_steps
             else:
                 progress = float(step)
@@ -88,6 +122,40 @@ class BitSchedule:
                     self.bits = higher[0] if higher else self.bits
                     self._stale = 0
         return self.bits
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _milestone(milestone: Any) -> tuple[float, int]:
+    """A ``(progress, bits)`` milestone, checked (progress a number, bits an integer; never silently truncated)."""
+    if (
+        isinstance(milestone, (str, bytes)) or not isinstance(milestone, Sequence) or len(milestone) != 2
+        or not _is_real(milestone[0]) or not math.isfinite(milestone[0]) or not _is_int(milestone[1])
+    ):
+        raise ValueError(
+            f"A StashQuant milestone must be a pair [progress, bits] (a finite number, an integer), got {milestone!r}. "
+            "Fix: e.g. milestones=[[0.5, 6], [0.8, 8]]."
+        )
+    return float(milestone[0]), int(milestone[1])
+
+
+def check_packer_options(min_numel: Any, stochastic_rounding: Any) -> None:
+    """Raise a clear error for packer options of the wrong type or range (the format is :func:`check_format`'s)."""
+    if not (_is_int(min_numel) and min_numel >= 0):
+        raise ValueError(
+            f"StashQuant min_numel must be a non-negative integer (saved tensors with fewer values stay unpacked), "
+            f"got {min_numel!r}. Fix: e.g. min_numel=1024."
+        )
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(
+            f"StashQuant stochastic_rounding must be True or False, got {stochastic_rounding!r}. Fix: pass a bool."
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +195,7 @@ class StashPacker:
         scale: str = "auto",
     ) -> None:
         check_format(schedule.initial_bits, block_size, scale)
+        check_packer_options(min_numel, stochastic_rounding)
         self.schedule = schedule
         self.block_size = block_size
         self.scale = scale
@@ -135,7 +204,8 @@ class StashPacker:
         self.module = module
         self._contexts: list[Any] = []
         self._param_storages: set[int] = set()
-        self._packed: dict[tuple, tuple[StorageWeakRef, PackedBlocks]] = {}  # this forward's packs, by region
+        # this forward's packs by region (None: kept exact)
+        self._packed: dict[tuple, tuple[StorageWeakRef, Optional[PackedBlocks]]] = {}
         self._largest = 0
         self.reset_stats()
         self._handles = [
@@ -206,11 +276,14 @@ class StashPacker:
         seen = self._packed.get(key)
         if seen is None or seen[0].expired():  # an expired storage's address may have been reused: pack anew
             packed = pack(region, self.bits, self.block_size, self.stochastic_rounding, scale=self.scale)
+            if packed.outliers:  # a mask, or overflowed activations: kept exact (see the module docstring)
+                packed = None
+            else:
+                self.packed_tensors += 1
+                self.original_bytes += tensor.numel() * tensor.element_size()
+                self.stored_bytes += packed.nbytes
             seen = self._packed[key] = (StorageWeakRef(storage), packed)
-            self.packed_tensors += 1
-            self.original_bytes += tensor.numel() * tensor.element_size()
-            self.stored_bytes += packed.nbytes
-        return PackedSave(seen[1], shape, stride)
+        return tensor if seen[1] is None else PackedSave(seen[1], shape, stride)
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
