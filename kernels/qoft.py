@@ -47,3 +47,89 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
         return qoft_triton.Rotate.apply(x, blocks)
     return reference.rotate(x.to(blocks.dtype), blocks).to(x.dtype)
+
+
+def _rotate_values(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The forward of :func:`rotate` without autograd (Triton kernel or reference)."""
+    if _covered(blocks.shape[-1], MAX_BLOCK, x, blocks) and use_triton(x, blocks):
+        from . import qoft_triton
+
+        return qoft_triton.rotate_forward(x, blocks)
+    return reference.rotate(x.to(blocks.dtype), blocks).to(x.dtype)
+
+
+def _rotate_grads(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tensor, need_x: bool, need_r: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`rotate` for ``x`` (in ``x``'s dtype) and ``blocks`` (in theirs), each only when asked."""
+    b = blocks.shape[-1]
+    if _covered(b, MAX_BLOCK, x, blocks) and use_triton(x, blocks, grad_out):
+        from . import qoft_triton
+
+        return qoft_triton.rotate_backward(x, blocks, grad_out, need_x, need_r)
+    n = x.shape[-1] // b
+    g = grad_out.to(blocks.dtype).reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+    grad_x = grad_r = None
+    if need_x:
+        grad_x = torch.matmul(g, blocks.transpose(-1, -2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
+    if need_r:
+        xb = x.to(blocks.dtype).reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+        grad_r = torch.bmm(xb.transpose(-1, -2), g)  # (n, b, b)
+        grad_r = grad_r.sum(0, keepdim=True) if blocks.shape[0] == 1 else grad_r
+    return grad_x, grad_r
+
+
+def _blocks(packed: torch.Tensor, block_size: int, num_terms: int, keep: torch.Tensor | None) -> torch.Tensor:
+    """Rotation blocks from packed parameters; where ``keep`` (``(count, 1, 1)`` bools) is False, the identity."""
+    blocks = cayley_neumann(packed, block_size, num_terms)
+    if keep is None:
+        return blocks
+    eye = torch.eye(block_size, device=blocks.device, dtype=blocks.dtype)
+    return torch.where(keep, blocks.expand(keep.shape[0], -1, -1), eye)
+
+
+class _RotateInput(torch.autograd.Function):
+    """``x`` rotated by the blocks built from ``packed``, saving only ``x`` and ``packed`` for backward.
+
+    The blocks (and the Cayley–Neumann powers behind them) are rebuilt in backward, at ``n·b³·k`` operations, a
+    fraction ``~b/d`` of the layer's matmul; the rotated input is never kept (the base layer's own backward does
+    not need it when its weight is frozen). So a rotated layer saves no more than a LoRA layer, whose ``A`` keeps
+    the same ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, block_size: int, num_terms: int,
+                keep: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            blocks = _blocks(packed, block_size, num_terms, keep)
+        ctx.save_for_backward(x, packed, keep)
+        ctx.block_size, ctx.num_terms = block_size, num_terms
+        return _rotate_values(x, blocks)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, packed, keep = ctx.saved_tensors
+        need_x, need_r = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            leaf = packed.detach().requires_grad_(need_r)
+            blocks = _blocks(leaf, ctx.block_size, ctx.num_terms, keep)
+        grad_x, grad_r = _rotate_grads(x, blocks.detach(), grad_out, need_x, need_r)
+        grad_packed = torch.autograd.grad(blocks, leaf, grad_r)[0] if need_r else None
+        return grad_x, grad_packed, None, None, None
+
+
+def rotate_input(x: torch.Tensor, packed: torch.Tensor, block_size: int, num_terms: int,
+                 keep: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """``x`` with each block of its ``dim`` axis rotated by the blocks built from ``packed`` (see :func:`rotate`),
+    differentiable in ``x`` and ``packed``, keeping only ``x`` and ``packed`` for backward.
+
+    ``keep`` (``(width / b, 1, 1)`` bools, optional) replaces the blocks where it is False by the identity (OFT's
+    multiplicative dropout).
+    """
+    n = packed.shape[0] if keep is None else keep.shape[0]
+    if x.shape[dim] % block_size or n not in (1, x.shape[dim] // block_size):
+        raise ValueError(f"{n} rotation blocks of width {block_size} do not fit an input of width {x.shape[dim]}.")
+    if dim in (-1, x.dim() - 1):
+        return _RotateInput.apply(x, packed, block_size, num_terms, keep)
+    moved = x.movedim(dim, -1)
+    out = _RotateInput.apply(moved, packed, block_size, num_terms, keep)
+    return out.movedim(-1, dim).contiguous()  # the base layer's kernel then sees the layout it was given

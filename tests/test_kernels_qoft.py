@@ -183,3 +183,19 @@ def test_auto_mode_on_cpu_runs_the_reference(monkeypatch):
         qoft_kernels.rotate(torch.randn(3, 64, device=DEVICE), blocks)
     assert torch.equal(blocks, reference.cayley_neumann(wide, 64, 5))
     assert calls == ["Rotate", "CayleyNeumann", "Rotate"]
+
+
+@pytest.mark.parametrize("tokens,width,b,n", [(37, 24, 8, 3), (21, 64, 32, 1)])
+def test_rotate_input_kernel_path_matches_reference_path(tokens, width, b, n):
+    """The recomputing rotation (blocks rebuilt in backward) through the Triton builder and rotation kernels equals
+    its reference path, values and gradients."""
+    x, _, grad_out = _rotation_inputs(tokens, width, b, n, torch.float32)
+    packed = _packed(n, b, seed=3)
+    results = {}
+    for mode in ("triton", "torch"):
+        leaf_x, leaf_p = x.clone().requires_grad_(), packed.clone().requires_grad_()
+        with kernels(mode):
+            out = qoft_kernels.rotate_input(leaf_x, leaf_p, b, 5)
+            results[mode] = (out, *torch.autograd.grad(out, (leaf_x, leaf_p), grad_out))
+    for got, expected in zip(results["triton"], results["torch"]):
+        assert relative_rms(got, expected) < FP32

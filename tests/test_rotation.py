@@ -101,3 +101,35 @@ def test_equals_peft_oft_on_linear(terms):
         theirs.base_model.model[0].oft_R["default"].weight.copy_(packed)
     x = torch.randn(5, 32)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dim", [-1, 1])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_rotate_input_equals_autograd_through_the_reference_and_saves_only_x_and_parameters(shared, dim, dropout):
+    """The recomputing rotation gives today's values and gradients (autograd through the reference builder and
+    rotation) and keeps for backward only the input, the packed parameters and the dropout mask."""
+    from peft_quant.kernels.qoft import rotate_input
+
+    torch.manual_seed(0)
+    b, width, terms = 4, 16, 5
+    packed = (torch.randn(1 if shared else width // b, num_packed(b)) * 0.3).requires_grad_()
+    x = torch.randn(3, width, 5, 2) if dim == 1 else torch.randn(3, 5, width)
+    x.requires_grad_()
+    keep = (torch.arange(width // b) % 2 == 0).view(-1, 1, 1) if dropout else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = rotate_input(x, packed, b, terms, keep, dim)
+    allowed = {t.untyped_storage().data_ptr() for t in (x, packed, keep) if t is not None}  # keep: one bool a block
+    assert {t.untyped_storage().data_ptr() for t in saved} <= allowed
+    grad = torch.randn_like(out)
+    gx, gp = torch.autograd.grad(out, (x, packed), grad)
+
+    blocks = cayley_neumann(packed, b, terms)
+    if keep is not None:
+        blocks = torch.where(keep, blocks.expand(keep.shape[0], -1, -1), torch.eye(b))
+    expected = rotate(x, blocks, dim)
+    ex, ep = torch.autograd.grad(expected, (x, packed), grad)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp, ep, rtol=1e-5, atol=1e-6)

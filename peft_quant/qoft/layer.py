@@ -7,7 +7,7 @@ the base layer's own forward runs unchanged, and only merging needs to touch the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -76,17 +76,14 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
             self.qoft_Q[adapter_name], self.qoft_block_size[adapter_name], self.qoft_num_terms[adapter_name]
         )
 
-    def _training_blocks(self, adapter_name: str) -> torch.Tensor:
-        """Rotation blocks for a forward; in training, each block is the identity with probability ``p``."""
-        blocks = self.rotation(adapter_name)
+    def _dropout_keep(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """In training with ``module_dropout = p > 0``: which blocks stay (``(blocks, 1, 1)`` bools, each dropped to
+        the identity with probability ``p``); ``None`` otherwise."""
         p = self.qoft_dropout[adapter_name]
         if not (self.training and p > 0):
-            return blocks
-        count = self.in_features // blocks.shape[-1]
-        blocks = blocks.expand(count, -1, -1)
-        keep = torch.rand(count, 1, 1, device=blocks.device) >= p
-        eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
-        return torch.where(keep, blocks, eye)
+            return None
+        count = self.in_features // self.qoft_block_size[adapter_name]
+        return torch.rand(count, 1, 1, device=self.qoft_Q[adapter_name].device) >= p
 
     @property
     def _channel_dim(self) -> int:
@@ -97,12 +94,9 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
         if inactive is not None:
             return inactive
         for name in self.active_adapters:
-            if name in self.qoft_Q:
-                blocks = self._training_blocks(name)
-                if self._channel_dim == -1:  # Linear: the Triton kernel on GPUs, reading and writing x once
-                    x = qoft_kernels.rotate(x, blocks)
-                else:
-                    x = rotate(x.to(blocks.dtype), blocks, self._channel_dim).to(x.dtype)
+            if name in self.qoft_Q:  # keeps only x and the packed parameters for backward (blocks rebuilt there)
+                x = qoft_kernels.rotate_input(x, self.qoft_Q[name], self.qoft_block_size[name],
+                                              self.qoft_num_terms[name], self._dropout_keep(name), self._channel_dim)
         out = self.base_layer(x, *args, **kwargs)
         self.weight_format.check_input_grad(x, out)
         return out
