@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
-import peft_quant
 from peft_quant import RoutingError, TimestepScaleConfig, UnsupportedLayerError, quantize_model
 from peft_quant.int_quant import IntQuantized
+from peft_quant.timestep_scale import TimestepScaleLayer
 
 
 class _Single(nn.Module):
@@ -141,19 +143,20 @@ def test_classifier_free_guidance_doubled_batch_in_a_real_unet():
     sample, enc = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     t = torch.tensor([900, 100])
     with torch.no_grad():
-        doubled = model(torch.cat([sample, sample]), torch.cat([t, t]), encoder_hidden_states=torch.cat([enc, enc])).sample
+        doubled = model(torch.cat([sample, sample]), torch.cat([t, t]), encoder_hidden_states=torch.cat([enc, enc]))
+        doubled = doubled.sample
         single = torch.cat([model(sample[i:i + 1], t[i], encoder_hidden_states=enc[i:i + 1]).sample for i in range(2)])
     torch.testing.assert_close(doubled[:2], single, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(doubled[2:], single, rtol=1e-5, atol=1e-5)
 
 
-def _tiny_unet():
+def _tiny_unet(layers_per_block: int = 1):
     pytest.importorskip("diffusers", reason="needs the [diffusers] extra")
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
     )
@@ -192,12 +195,64 @@ def test_default_targets_every_linear_and_conv_and_second_adapter():
     quantize_model(unet, bits=4)
     count = sum(isinstance(m, IntQuantized) for m in unet.modules())
     model = get_peft_model(unet, TimestepScaleConfig())
-    layers = [m for m in model.modules() if isinstance(m, peft_quant.timestep_scale.TimestepScaleLayer)]
+    layers = [m for m in model.modules() if isinstance(m, TimestepScaleLayer)]
     assert len(layers) == count
     model.add_adapter("other", TimestepScaleConfig(num_experts=1, train_input_scales=False))
-    layers = [m for m in model.modules() if isinstance(m, peft_quant.timestep_scale.TimestepScaleLayer)]
+    layers = [m for m in model.modules() if isinstance(m, TimestepScaleLayer)]
     assert len(layers) == count  # the second adapter joined the same wrappers, wrapping nothing inside them
     assert all(set(layer.ts_scale_out) == {"default", "other"} for layer in layers)
+
+
+def _unet_output(model: torch.nn.Module) -> torch.Tensor:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+        return model(sample, torch.tensor([50, 950]), encoder_hidden_states=text).sample
+
+
+@pytest.mark.diffusers
+def test_default_targets_are_saved_as_exact_names_and_reload(tmp_path):
+    """The resolved defaults are saved as the layers' full names and a regex that fullmatches exactly them: PEFT's
+    suffix matching of a list (which it also shortens to suffixes such as "2" for ff.net.2) hits other layers, or
+    whole blocks, of a model with more layers per block."""
+    model = get_peft_model(_tiny_unet(), TimestepScaleConfig(init_weights=False))
+    wrapped = sorted(n for n, m in model.base_model.model.named_modules() if isinstance(m, TimestepScaleLayer))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["resolved_targets"] == wrapped
+    bigger = [name for name, _ in _tiny_unet(layers_per_block=2).named_modules()]
+    assert sorted(n for n in bigger if re.fullmatch(saved["target_modules"], n)) == wrapped
+    loaded = PeftModel.from_pretrained(_tiny_unet(), tmp_path)
+    assert sorted(n for n, m in loaded.base_model.model.named_modules() if isinstance(m, TimestepScaleLayer)) == wrapped
+    torch.testing.assert_close(_unet_output(loaded), _unet_output(model), rtol=0, atol=0)
+
+
+@pytest.mark.diffusers
+@pytest.mark.parametrize("trained,loaded,problem", [(1, 2, r"\d+ not in the adapter"), (2, 1, r"\d+ missing here")])
+def test_default_targeted_adapter_refuses_another_architecture(tmp_path, trained, loaded, problem):
+    """A default-targeted adapter covers every supported layer of its model: loaded onto a UNet with more (or fewer)
+    resnets per block it would leave layers unscaled (or scales unused), so it is refused before anything changes."""
+    get_peft_model(_tiny_unet(trained), TimestepScaleConfig()).save_pretrained(tmp_path)
+    other = _tiny_unet(loaded)
+    with pytest.raises(ValueError, match=f"other ones: .*{problem}.*Fix: load it onto the model it was trained on"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any(isinstance(m, TimestepScaleLayer) for m in other.modules())
+    assert not hasattr(other, "_peft_quant_timestep_router")
+
+
+@pytest.mark.diffusers
+def test_quantizing_after_wrapping_equals_quantizing_first():
+    """quantize_model on a wrapped UNet swaps the base layers inside the wrappers: same targets, same outputs, and
+    the layers know their new base format."""
+    first = get_peft_model(quantize_model(_tiny_unet(), bits=4), TimestepScaleConfig(init_weights=False))
+    after = get_peft_model(_tiny_unet(), TimestepScaleConfig())
+    quantize_model(after, bits=4)
+    scales = {k: v for k, v in first.state_dict().items() if "ts_scale" in k}
+    assert after.load_state_dict(scales, strict=False).unexpected_keys == []
+    assert after.peft_config["default"].resolved_targets == first.peft_config["default"].resolved_targets
+    layers = [m for m in after.modules() if isinstance(m, TimestepScaleLayer)]
+    assert {layer.base_format.label for layer in layers} == {"peft_quant int4"}
+    torch.testing.assert_close(_unet_output(after), _unet_output(first), rtol=0, atol=0)
 
 
 def test_called_outside_a_denoiser_forward_raises():
@@ -217,6 +272,8 @@ def test_bad_inputs():
         TimestepScaleConfig(num_experts=3, expert_boundaries=[600, 300])
     with pytest.raises(ValueError, match="trains nothing"):
         TimestepScaleConfig(train_input_scales=False, train_output_scales=False)
+    with pytest.raises(ValueError, match="target_modules and resolved_targets disagree.*Fix: set resolved_targets="):
+        TimestepScaleConfig(target_modules=["conv_in"], resolved_targets=["conv_in", "conv_out"])
     model = get_peft_model(_Single(base), TimestepScaleConfig())
     with pytest.raises(RoutingError, match="outside \\[0, 1000\\].*num_train_timesteps"):
         model(x, torch.tensor([5000, 1, 2, 3]))
@@ -256,7 +313,7 @@ def test_single_expert_output_scales_merge_exactly(kind):
         expected = model(x, 10)
     merged = model.merge_and_unload()
     assert type(merged.layer) is type(base)
-    assert merged.peft_quant_merge_report["layer"]["relative_error"] == 0.0
+    assert merged.peft_quant_merge_report["layer"]["relative_error"] < 1e-6  # float rounding of the folded scales
     with torch.no_grad():
         out = merged(x, 10)
     torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)  # float rounding only
@@ -296,7 +353,7 @@ def test_merge_unmerge_roundtrip_and_several_experts_refused():
     torch.testing.assert_close(merged, before, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(after, before, rtol=2e-6, atol=2e-6)
     several = get_peft_model(_Single(base), TimestepScaleConfig(num_experts=2))
-    with pytest.raises(ValueError, match="2 timestep experts.*Keep the adapter unmerged"):
+    with pytest.raises(ValueError, match="2 timestep experts.*Fix: keep the adapter unmerged"):
         several.merge_and_unload()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
@@ -37,7 +38,16 @@ class TimestepScaleConfig(PeftQuantConfig):
         default=None,
         metadata={
             "help": "Module names (suffix match) or a regex of the layers to scale. Default: every Linear and Conv2d "
-            "of the denoiser (float, peft-quant int4/int8, bitsandbytes or GPTQ layers)."
+            "of the denoiser (float, peft-quant int4/int8, bitsandbytes or GPTQ layers), resolved when the adapter "
+            "is created into `resolved_targets` and a regex matching exactly those full names."
+        },
+    )
+    resolved_targets: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Filled in automatically when target_modules is None: the full names of every layer TimestepScale "
+            "could target in the model the adapter was created on. Loading checks the model has exactly these, so a "
+            "default-targeted adapter never loads onto another architecture."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -81,6 +91,15 @@ class TimestepScaleConfig(PeftQuantConfig):
         self.peft_type = PeftType.TIMESTEP_SCALE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        if self.resolved_targets is not None:
+            self.resolved_targets = sorted(set(self.resolved_targets))
+            if self.target_modules not in (None, exact_names_pattern(self.resolved_targets)):
+                raise ValueError(
+                    "TimestepScaleConfig.target_modules and resolved_targets disagree: resolved_targets records the "
+                    "default targets (target_modules=None), and target_modules must then be the regex of exactly "
+                    "those names. Fix: set resolved_targets=None to target your own target_modules, or "
+                    "target_modules=None to keep the recorded defaults."
+                )
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -114,3 +133,12 @@ class TimestepScaleConfig(PeftQuantConfig):
         if self.expert_boundaries is not None:
             return tuple(self.expert_boundaries)
         return default_boundaries(self.num_experts, float(self.num_train_timesteps))
+
+
+def exact_names_pattern(names: list[str] | set[str]) -> str:
+    """A regex that PEFT's ``target_modules`` fullmatches against exactly ``names``.
+
+    A list of names would be matched as suffixes (and PEFT shortens long lists to the shortest distinguishing
+    suffixes, such as ``"2"`` for ``ff.net.2``), which on another model matches other layers or whole blocks.
+    """
+    return "|".join(re.escape(name) for name in sorted(names))

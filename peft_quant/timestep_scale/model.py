@@ -4,11 +4,12 @@ guards in :mod:`peft_quant.tuner_base`)."""
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..quant_formats import UnsupportedLayerError, describe
 from ..tuner_base import PeftQuantTuner
-from .config import TimestepScaleConfig
+from .config import TimestepScaleConfig, exact_names_pattern
 from .layer import TimestepScaleLayer
 from .routing import TimestepRouter
 
@@ -36,29 +37,26 @@ class TimestepScaleModel(PeftQuantTuner):
         return peft_config  # target_modules=None means every supported layer, resolved in _prepare_model
 
     def _prepare_model(self, peft_config: TimestepScaleConfig, model: nn.Module) -> None:
-        """Attach the router (once per denoiser) and resolve the default targets."""
+        """Resolve or check the default targets, then attach the router (once per denoiser)."""
+        _resolve_default_targets(peft_config, model)
         super()._prepare_model(peft_config, model)
         multiplier = peft_config.timestep_multiplier or _default_multiplier(model)
         reading = (peft_config.timestep_argument, multiplier, float(peft_config.num_train_timesteps))
+        check_fractions = peft_config.timestep_multiplier is None and multiplier == 1
         router = getattr(model, ROUTER_ATTRIBUTE, None)
+        others = [n for n, c in self.peft_config.items() if c is not peft_config and isinstance(c, TimestepScaleConfig)]
         if router is None:
-            object.__setattr__(model, ROUTER_ATTRIBUTE, TimestepRouter(model, *reading))
+            object.__setattr__(model, ROUTER_ATTRIBUTE, TimestepRouter(model, *reading, check_fractions))
+        elif not others:
+            router.configure(model, *reading, check_fractions)  # the adapters that set it up are gone
         elif router.reading != reading:
-            others = [n for n, c in self.peft_config.items() if c is not peft_config and isinstance(c, TimestepScaleConfig)]
-            if others:
-                raise ValueError(
-                    "All TimestepScale adapters on one denoiser must read the timestep the same way (timestep_argument, "
-                    f"timestep_multiplier, num_train_timesteps): this adapter reads {reading}, adapter(s) {others} read "
-                    f"{router.reading}. Fix: give the new adapter the same settings, or delete the others first."
-                )
-            router.configure(model, *reading)  # the adapters that set it up are gone
-        if peft_config.target_modules is None:
-            peft_config.target_modules = _default_targets(model)
-            if not peft_config.target_modules:
-                raise ValueError(
-                    f"{type(model).__name__} has no Linear or Conv2d layer TimestepScale can target. Fix: pass "
-                    "target_modules explicitly."
-                )
+            raise ValueError(
+                "All TimestepScale adapters on one denoiser must read the timestep the same way (timestep_argument, "
+                f"timestep_multiplier, num_train_timesteps): this adapter reads {reading}, adapter(s) {others} read "
+                f"{router.reading}. Fix: give the new adapter the same settings, or delete the others first."
+            )
+        else:
+            router.check_fractions = router.check_fractions and check_fractions  # an explicit multiplier settles it
 
     def _layer_kwargs(self) -> dict:
         return {"router": getattr(self.model, ROUTER_ATTRIBUTE)}
@@ -69,17 +67,59 @@ class TimestepScaleModel(PeftQuantTuner):
             router.detach()
 
 
+def _resolve_default_targets(config: TimestepScaleConfig, model: nn.Module) -> None:
+    """``target_modules=None``: record every layer TimestepScale can target in ``config.resolved_targets`` and target
+    exactly those. A config that already records them (a saved adapter being loaded) must find the same layers.
+
+    Exact full names, not PEFT's suffix matching: a suffix such as ``"2"`` (``ff.net.2``) matches other layers, or
+    whole blocks, in a model with more layers per block. And a model with fewer or more targetable layers is another
+    architecture: loading there would silently leave layers unscaled or scales unused.
+    """
+    if config.target_modules is not None and config.resolved_targets is None:
+        return  # the user's own targets
+    present = _default_targets(model)
+    if config.resolved_targets is None:
+        if not present:
+            raise ValueError(
+                f"{type(model).__name__} has no Linear or Conv2d layer TimestepScale can target. Fix: pass "
+                "target_modules explicitly."
+            )
+        config.resolved_targets = sorted(present)
+    else:
+        missing = sorted(set(config.resolved_targets) - present)
+        extra = sorted(present - set(config.resolved_targets))
+        if missing or extra:
+            raise ValueError(
+                f"This TimestepScale adapter targets every Linear and Conv2d of the model it was created on "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}), and this {type(model).__name__} has "
+                f"other ones: {_listing('missing here', missing)}{'; ' if missing and extra else ''}"
+                f"{_listing('not in the adapter', extra)}. Fix: load it onto the model it was trained on (same "
+                "architecture and config, e.g. layers_per_block), train an adapter for this model, or, for a config "
+                "reused from another model, pass a fresh TimestepScaleConfig()."
+            )
+    config.target_modules = exact_names_pattern(config.resolved_targets)
+
+
+def _listing(what: str, names: list[str], shown: int = 5) -> str:
+    if not names:
+        return ""
+    return f"{len(names)} {what} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+
+
 def _default_targets(model: nn.Module) -> set[str]:
-    """Names of every layer TimestepScale can wrap (already wrapped ones included, their insides not)."""
+    """Full names of every layer TimestepScale can wrap: already wrapped ones (by this or another adapter, or by a
+    modules_to_save copy) count under their own name, what lies inside a wrapper does not."""
     targets: set[str] = set()
     wrapped: list[str] = []
     for name, module in model.named_modules():
         if not name or name.startswith(tuple(wrapped)):
             continue
         if isinstance(module, BaseTunerLayer):
-            targets.add(name)
+            module = module.get_base_layer()
             wrapped.append(name + ".")
-            continue
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            module = module.original_module
+            wrapped.append(name + ".")
         try:
             describe(module)
         except UnsupportedLayerError:
