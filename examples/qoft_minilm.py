@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
 import peft_quant
-from peft_quant.offline_text import stdlib_sentences
+from offline_text import stdlib_sentences
 from peft_quant.quant_formats import require
 
 TARGETS = r".*encoder.*\.(query|key|value|dense)$"  # every Linear of the encoder
@@ -91,7 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
     parser.add_argument("--block-size", type=int, default=32, help="QOFT block size (default 32, the paper's)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4, best on validation in bench/qoft.py)")
+    parser.add_argument("--lr", type=float, default=3e-4,
+                        help="AdamW learning rate (default 3e-4, best on validation in bench/qoft.py)")
     parser.add_argument("--out", default="out/qoft-minilm", help="adapter directory (default out/qoft-minilm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reload", nargs=2, metavar=("ADAPTER_DIR", "OUT_FILE"), help=argparse.SUPPRESS)
@@ -106,7 +107,8 @@ def main() -> None:
     tokenizer, train, held_out = data(args.seed)
     teacher = load_minilm(quantized=False)
     teacher_held = inference_embeddings(teacher, tokenizer, held_out)
-    before = float((inference_embeddings(load_minilm(quantized=True), tokenizer, held_out) * teacher_held).sum(-1).mean())
+    nf4_held = inference_embeddings(load_minilm(quantized=True), tokenizer, held_out)  # before training
+    before = float((nf4_held * teacher_held).sum(-1).mean())
     student = load_minilm(quantized=True)
 
     model = get_peft_model(student, peft_quant.QOFTConfig(target_modules=TARGETS, block_size=args.block_size))

@@ -73,7 +73,7 @@ def load_base_and_tokenizer(args, sentences: list[str]):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peft_quant.offline_text import train_tokenizer
+    from offline_text import train_tokenizer
 
     if args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
 
     import peft_quant
-    from peft_quant.offline_text import stdlib_sentences
+    from offline_text import stdlib_sentences
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # transformers, internal

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import version
 from types import SimpleNamespace
 
 import pytest
 import torch
+from packaging.version import Version
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_peft_model
 from safetensors.torch import load_file
 
+from examples.offline_text import stdlib_sentences
 from peft_quant import QOFTConfig
-from peft_quant.offline_text import stdlib_sentences
 
 from .conftest import TINY_LLAMA, load_llama, randomize_adapter
 
@@ -418,6 +420,10 @@ def test_auto_peft_model_loads_from_the_adapter_directory(tiny_llama_dir, tmp_pa
     assert (base - expected).abs().max() > 0.05
 
 
+_ADAPTER_API_NEEDS_NEWER_PEFT = (Version(version("transformers")) >= Version("5.24")
+                                 and Version(version("peft")) < Version("0.22"))
+
+
 def test_transformers_load_adapter_set_adapter_disable(tiny_llama_dir, tmp_path):
     path_a, path_b = str(tmp_path / "a"), str(tmp_path / "b")
     _float_adapter(tiny_llama_dir, path_a, seed=6)
@@ -431,8 +437,14 @@ def test_transformers_load_adapter_set_adapter_disable(tiny_llama_dir, tmp_path)
     model = load_llama(tiny_llama_dir)
     model.load_adapter(path_a, adapter_name="a")
     assert isinstance(model.peft_config["a"], QOFTConfig)
-    assert model.active_adapters() == ["a"]
     torch.testing.assert_close(_eval_logits(model, tokens), expected_a, rtol=0, atol=0)
+    if _ADAPTER_API_NEEDS_NEWER_PEFT:  # transformers >= 5.24 manages adapters only with peft >= 0.22 (unreleased)
+        for call in (model.active_adapters, lambda: model.set_adapter("a"), model.disable_adapters,
+                     model.enable_adapters):
+            with pytest.raises(ValueError, match=r"version >= 0\.22"):
+                call()
+        return
+    assert model.active_adapters() == ["a"]
 
     model.load_adapter(path_b, adapter_name="b")
     model.set_adapter("b")

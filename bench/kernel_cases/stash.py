@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .common import DEVICE, Case
 from peft_quant.kernels import stash as ops
 from peft_quant.stash import bfp
+
+from .common import DEVICE, Case
 
 
 def _torch_quantize(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

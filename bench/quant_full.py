@@ -7,9 +7,9 @@ whether stochastic rounding is needed (under round-to-nearest a Lion step of ``l
 weight vanishes).
 
 Task: a small Llama (``transformers.LlamaConfig``, see ``MODEL``) with a byte-level BPE trained here
-(:func:`peft_quant.offline_text.train_tokenizer`) on English sentences from Python standard-library docstrings
-(:func:`peft_quant.offline_text.stdlib_sentences`). Sentences are split into test, validation and training
-sentences; each split is tokenized, joined with ``<eos>`` and cut into blocks of ``--seq-len`` tokens. The model is
+(``train_tokenizer`` of ``examples/offline_text.py``) on English sentences from Python standard-library
+docstrings (``stdlib_sentences``, same file). Sentences are split into test, validation and training sentences;
+each split is tokenized, joined with ``<eos>`` and cut into blocks of ``--seq-len`` tokens. The model is
 pre-trained here in float32 (AdamW on every parameter, warm-up and cosine decay) on the training blocks, briefly,
 then each method fine-tunes a copy of that checkpoint for ``--steps`` steps on held-in text (training blocks, in a
 new order), with the same batches for every method. Loss: next-token cross-entropy.
@@ -77,6 +77,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))  # offline_text
 
 MODEL = dict(
     vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -187,7 +189,7 @@ class Data:
 
 
 def make_data(args) -> Data:
-    from peft_quant.offline_text import stdlib_sentences, train_tokenizer
+    from offline_text import stdlib_sentences, train_tokenizer
 
     sentences = stdlib_sentences(seed=args.seed)
     n_test = n_val = len(sentences) // 12

@@ -1,7 +1,11 @@
-"""Real English text and a tokenizer that need no download: for examples, benchmarks and tests.
+"""Real English text and a tokenizer that need no download: for the examples, the benchmarks and the tests.
 
 The sentences come from the docstrings of the Python standard library (always installed); the tokenizer is a
 small WordPiece or byte-level BPE trained on them with Hugging Face ``tokenizers``. Nothing touches the network.
+
+Not part of the installed package (no library code uses it). The examples import it as ``offline_text`` (Python puts
+a script's folder first on ``sys.path``), the benchmarks add this folder to ``sys.path`` first, and the tests import
+it as ``examples.offline_text`` (pytest puts the checkout's root on ``sys.path``).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="local causal-LM checkpoint (a directory); default: a tiny Llama built from a config")
     parser.add_argument("--load_in_4bit", action="store_true",
                         help="load the base in bitsandbytes NF4; QuantFull dequantizes it once into int8 state")
-    parser.add_argument("--output_dir", default="out/quantfull-trainer", help="adapter + tokenizer (+ base) directory")
+    parser.add_argument("--output_dir", default="out/quant_full_trainer", help="adapter + tokenizer (+ base) directory")
     parser.add_argument("--max_steps", type=int, default=60, help="optimizer steps")
     parser.add_argument("--learning_rate", type=float, default=3e-3,
                         help="Lion learning rate (fits the tiny random model; pretrained models want ~1e-5..1e-4)")
@@ -91,7 +91,7 @@ def prepare_base_and_tokenizer(args, sentences: list[str]):
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peft_quant.offline_text import train_tokenizer
+    from offline_text import train_tokenizer
 
     if args.model_name_or_path:
         path = args.model_name_or_path
@@ -216,7 +216,7 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
 
     import peft_quant
-    from peft_quant.offline_text import stdlib_sentences
+    from offline_text import stdlib_sentences
 
     hf_logging.set_verbosity_error()
     # PEFT warns when a target is named lm_head that it will also save "embedding layers"; QuantFull's adapter still
