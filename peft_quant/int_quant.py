@@ -88,7 +88,9 @@ class IntQuantized(nn.Module):
     def requantize_(self, weight: torch.Tensor) -> None:
         """Store a new float weight (same shape) in this format, in place."""
         if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(f"Weight of shape {tuple(weight.shape)} does not fit a layer of shape {self.weight_shape}.")
+            raise ValueError(
+                f"Weight of shape {tuple(weight.shape)} does not fit a layer of shape {self.weight_shape}."
+            )
         codes, scale, zero = quantize_rtn(weight, self.bits)
         self.qweight = pack(codes, self.bits).to(self.qweight.device)
         self.scale = scale.to(self.scale.device)
@@ -160,11 +162,13 @@ class IntConv2d(IntQuantized):
             )
         super().__init__(conv.weight, conv.bias, bits)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation, self.groups = conv.kernel_size, conv.stride, conv.dilation, conv.groups
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.dilation, self.groups = conv.dilation, conv.groups
         self.padding = (0, 0) if conv.padding == "valid" else conv.padding
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
     def _input_grad(self, grad: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        return torch.nn.grad.conv2d_input(input_shape, weight, grad, self.stride, self.padding, self.dilation, self.groups)
+        return torch.nn.grad.conv2d_input(input_shape, weight, grad, self.stride, self.padding, self.dilation,
+                                          self.groups)

@@ -159,7 +159,8 @@ class WeightFormat:
         if x.requires_grad and not out.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 f"The base layer ({self.facts.label}, {type(self.layer).__name__}) returned an output without gradient "
-                f"for an input that needs one, so the adapter would silently get no gradient. Fix: {self.input_grad_fix}."
+                "for an input that needs one, so the adapter would silently get no gradient. "
+                f"Fix: {self.input_grad_fix}."
             )
 
 

@@ -181,8 +181,8 @@ class PeftQuantTuner(BaseTuner):
             raise ValueError(
                 f"{self.method_name} cannot merge into these layers, whose kernels offer no way to re-quantize a "
                 f"changed weight: {', '.join(frozen[:5])}{' ...' if len(frozen) > 5 else ''}. Fix: keep the "
-                f"adapter unmerged ({self.method_name} runs on the quantized layer as is), or `unload()` to get the base "
-                "model back."
+                f"adapter unmerged ({self.method_name} runs on the quantized layer as is), or `unload()` to get the "
+                "base model back."
             )
 
     def _after_unload(self, model: nn.Module) -> None:
@@ -205,7 +205,8 @@ class PeftQuantTuner(BaseTuner):
             self._check_merge_allowed()
             for name, layer in self._tuner_layers().items():
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                errors = [layer.requantization_error[a] for a in layer.merged_adapters if a in layer.requantization_error]
+                errors = [layer.requantization_error[a] for a in layer.merged_adapters
+                          if a in layer.requantization_error]
                 report[name] = {"base": layer.base_format.label, "relative_error": max(errors, default=0.0)}
         model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names

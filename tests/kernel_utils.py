@@ -7,7 +7,6 @@ import os
 from typing import Iterator
 
 import torch
-
 import triton  # noqa: F401  (a missing Triton fails the kernel tests: it is in the dev extra)
 
 # Kernels run on CUDA when there is one; otherwise in Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1).

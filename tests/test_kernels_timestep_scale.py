@@ -132,7 +132,10 @@ def _float64(x, layer, bias, table_in, table_out, experts):
     """``s_out[k] ⊙ (W (s_in[k] ⊙ x)) + b`` in float64 from the dequantized weight."""
     x, weight = x.double(), layer.dequantize(torch.float64)
     index = experts[0] if experts is not None else None
-    rows = (lambda t: t.double()[index].view(index.shape[0], *([1] * (x.dim() - 2)), -1))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.double()[index].view(index.shape[0], *([1] * (x.dim() - 2)), -1)
+
     if table_in is not None:
         x = x * rows(table_in)
     out = x @ weight.T

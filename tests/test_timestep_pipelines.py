@@ -552,7 +552,8 @@ def test_loading_again_under_the_same_name_replaces_the_adapter(sd, tokenizer_di
     tensors = load_file(str(truncated / "adapter_model.safetensors"))
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, str(truncated / "adapter_model.safetensors"))
-    for bad, message in ((tmp_path / "missing", "adapter_config.json"), (truncated, "conv_in.ts_scale_in.*missing from the")):
+    cases = ((tmp_path / "missing", "adapter_config.json"), (truncated, "conv_in.ts_scale_in.*missing from the"))
+    for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             load_into_pipeline(pipe, str(bad))
         assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from peft.utils import TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING
+
 from ..tuner_base import PeftQuantTuner
 from .layer import QOFTLayer
 
