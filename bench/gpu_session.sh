@@ -11,7 +11,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_24_x86_64 -d .whl peft==0.21.2 bitsandbytes==0.50.2
 # and copied to the GPU machine with the tree. Only peft-quant itself is installed (--no-deps):
-# torch, Triton and transformers stay the machine's. The CPU benches (bench/qoft.py, quantfull.py, stash.py,
+# torch, Triton and transformers stay the machine's. The CPU benches (bench/qoft.py, quant_full.py, stash.py,
 # timestep_scale.py) measure memory and quality on CPU and take longer than that; they are not run here.
 set -uo pipefail
 out=${OUT:-/tmp/peft-quant-gpu}

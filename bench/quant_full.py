@@ -300,7 +300,7 @@ def build(method: str, state: dict, lr: float):
     return model, optimizer, tuned
 
 
-def quantfull_weight_tensors(layer) -> dict[str, torch.Tensor]:
+def quant_full_weight_tensors(layer) -> dict[str, torch.Tensor]:
     name = layer.adapter
     return {"codes": layer.qf_codes[name], "scales": layer.qf_scale[name],
             "outlier values": layer.qf_outlier_value[name], "outlier indices": layer.qf_outlier_index[name],
@@ -321,7 +321,7 @@ def model_state(method: str, model: nn.Module, optimizer, tuned: dict) -> dict:
     if method.startswith("QuantFull"):
         parts = {}
         for layer in tuned.values():
-            for part, tensor in quantfull_weight_tensors(layer).items():
+            for part, tensor in quant_full_weight_tensors(layer).items():
                 parts[part] = parts.get(part, 0) + tensor.numel() * tensor.element_size()
         anchors = [layer.qf_anchor[layer.adapter] for layer in tuned.values()]
         return {"weights": sum(parts.values()), "weight parts": parts,

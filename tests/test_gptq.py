@@ -127,7 +127,7 @@ def test_timestep_scale_on_a_gptq_layer(tiny_gptq_dir):
         model.merge_and_unload()
 
 
-def test_quantfull_dequantizes_a_gptq_base_once_and_trains_it(tiny_gptq_dir):
+def test_quant_full_dequantizes_a_gptq_base_once_and_trains_it(tiny_gptq_dir):
     from peft_quant import QuantFullConfig, QuantFullOptimizer
 
     base = load_gptq(tiny_gptq_dir)

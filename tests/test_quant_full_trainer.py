@@ -2,10 +2,10 @@
 ``Trainer(..., optimizers=(QuantFullOptimizer(model, lr=...), None))``: the loss falls; checkpoints are ordinary PEFT
 directories holding the int8 state (and ``optimizer.pt`` its int8 momentum); a resumed run equals an uninterrupted
 one bit for bit; gradient accumulation; bf16 autocast; the Trainer's LR schedule drives the fused step; a fresh
-process reloads identical logits; and ``examples/quantfull_trainer.py`` runs end to end.
+process reloads identical logits; and ``examples/quant_full_trainer.py`` runs end to end.
 
 Tiny Llama built from a config (nothing is downloaded), real English text (standard-library docstrings) tokenized by
-a byte-level BPE trained here with ``peft_quant.offline_text``.
+a byte-level BPE trained here with ``examples/offline_text.py``.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
+from examples.offline_text import stdlib_sentences, train_tokenizer
 from peft_quant import QuantFullConfig, QuantFullOptimizer
-from peft_quant.offline_text import stdlib_sentences, train_tokenizer
 from peft_quant.quant_full import QuantFullLayer
 from peft_quant.quant_full.int8_state import quantize_blockwise
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "quantfull_trainer.py"
+EXAMPLE = ROOT / "examples" / "quant_full_trainer.py"
 
 VOCAB = 384  # byte-level BPE: 256 bytes + 2 specials + 126 merges
 LLAMA = dict(
@@ -87,7 +87,7 @@ def llama_dir(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("quantfull_llama")
+    path = tmp_path_factory.mktemp("quant_full_llama")
     LlamaForCausalLM(LlamaConfig(**LLAMA, vocab_size=VOCAB)).save_pretrained(path)
     return str(path)
 
@@ -151,7 +151,7 @@ def trained(llama_dir, blocks, tokenizer, tmp_path_factory):
     state and the LR that the coming fused step will use."""
     from transformers import Trainer
 
-    output_dir = str(tmp_path_factory.mktemp("quantfull_run"))
+    output_dir = str(tmp_path_factory.mktemp("quant_full_run"))
     model = _wrap(llama_dir)
     initial = _int8_state(model)
     optimizer = QuantFullOptimizer(model, lr=LR)
@@ -259,7 +259,7 @@ def resumed(trained, llama_dir, tokenizer, tmp_path_factory):
     model = _wrap(llama_dir)  # a freshly wrapped model: its int8 state is the initial quantization
     fresh = _int8_state(model)
     optimizer = QuantFullOptimizer(model, lr=LR)
-    output_dir = str(tmp_path_factory.mktemp("quantfull_resumed"))
+    output_dir = str(tmp_path_factory.mktemp("quant_full_resumed"))
     trainer = Trainer(model=model, args=_args(output_dir), train_dataset=_Blocks(trained.blocks[:NUM_BLOCKS]),
                       processing_class=tokenizer, optimizers=(optimizer, None))
     lrs = []

@@ -22,7 +22,7 @@ class QuantFullConfig(PeftQuantConfig):
     rounded by default) and keeps Lion's momentum in int8 too. The base layer's own weight is released.
     """
 
-    FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT_VERSION: ClassVar[int] = 2  # 2: qf_anchor is 1-D, shape (1,) (FSDP refuses 0-d parameters)
     CARD_SETTINGS: ClassVar[tuple[str, ...]] = (
         "target_modules", "group_size", "outlier_fraction", "stochastic_rounding", "train_bias", "modules_to_save",
     )
@@ -55,7 +55,9 @@ class QuantFullConfig(PeftQuantConfig):
                   "which steps below half an int8 step vanish."},
     )
     train_bias: bool = field(
-        default=True, metadata={"help": "Train the biases of targeted layers (in float, saved with the adapter)."}
+        default=True,
+        metadata={"help": "Train the biases of targeted layers (in float, saved with the adapter). False keeps them "
+                  "frozen per adapter, also after set_adapter and when loaded with is_trainable=True."},
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules (e.g. norms, a head) trained in float and saved."}

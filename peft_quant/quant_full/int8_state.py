@@ -72,7 +72,8 @@ def round_codes(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """``values / scale`` rounded (to nearest, or stochastically) and clamped to int8 codes."""
-    return round_to_int8(_grouped(values, group_size) / scale.unsqueeze(-1), stochastic, generator).reshape(values.shape)
+    moved = _grouped(values, group_size) / scale.unsqueeze(-1)  # (out, groups, g)
+    return round_to_int8(moved, stochastic, generator).reshape(values.shape)
 
 
 def dequantize_weight(
@@ -83,10 +84,11 @@ def dequantize_weight(
     group_size: Optional[int],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The float weight ``(out, in)``: ``scale · codes`` with the outliers put back."""
-    w = (_grouped(codes.to(torch.float32), group_size) * scale.unsqueeze(-1)).reshape(codes.shape)
+    """The float weight ``(out, in)``: ``scale · codes`` with the outliers put back, computed in float32 whatever
+    dtype the scales and outliers were cast to (a model's ``.half()`` casts them; the int8 codes never are)."""
+    w = (_grouped(codes.to(torch.float32), group_size) * scale.unsqueeze(-1).to(torch.float32)).reshape(codes.shape)
     if outlier_index.numel():
-        w.view(-1)[outlier_index] = outlier_value
+        w.view(-1)[outlier_index] = outlier_value.to(torch.float32)
     return w.to(dtype)
 
 

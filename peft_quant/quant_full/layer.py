@@ -9,14 +9,17 @@ updater allows it the weight gradient is never written at all: one kernel comput
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import warnings
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..kernels.quant_full import int8_matmul
-from ..quant_formats import read_weight
+from ..quant_formats import BaseFormat, WeightFormat, describe, read_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QuantFullConfig
 from .int8_state import dequantize_weight, quantize_weight
@@ -67,27 +70,44 @@ class _Int8Linear(torch.autograd.Function):
 
 class QuantFullLayer(nn.Module, PeftQuantLayer):
     """Holds one adapter's int8 weight state: ``qf_codes`` (int8), ``qf_scale``, ``qf_outlier_index``,
-    ``qf_outlier_value`` (buffers), ``qf_bias`` (float parameter), ``qf_anchor`` (a scalar parameter that makes
-    autograd reach this layer's backward even when its input needs no gradient)."""
+    ``qf_outlier_value`` (buffers), ``qf_bias`` (float parameter), ``qf_anchor`` (a one-element parameter that makes
+    autograd reach this layer's backward even when its input needs no gradient; 1-D because FSDP refuses 0-d ones).
+
+    A layer holds at most one QuantFull adapter, and the base layer's weights are released, so the layer computes
+    only while that adapter is active or merged (see :meth:`forward`). ``model_dtype``, an empty buffer, starts in
+    the base layer's dtype and follows later casts of the model, so a merge writes a Linear of the model's dtype."""
 
     adapter_layer_names: tuple[str, ...] = ("qf_bias", "qf_anchor")
     other_param_names: tuple[str, ...] = ("qf_codes", "qf_scale", "qf_outlier_index", "qf_outlier_value",
-                                          "qf_group_size")
+                                          "qf_group_size", "qf_train_bias")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuantFullConfig, layer_name: str = "") -> None:
         super().__init__()
+        self.taken_over = describe(base_layer)
         self._init_base(base_layer, adapter_name)
         if self.base_format.layer_type != "linear":
             raise ValueError(
                 f"QuantFull trains Linear layers only; {layer_name or 'this layer'} is {self.base_format.label} "
                 f"{self.base_format.layer_type}. Fix: exclude it from target_modules."
             )
+        self.layer_name = layer_name
         self.qf_codes, self.qf_scale = BufferDict(persistent=True), BufferDict(persistent=True)
         self.qf_outlier_index, self.qf_outlier_value = BufferDict(persistent=True), BufferDict(persistent=True)
         self.qf_bias, self.qf_anchor = nn.ParameterDict(), nn.ParameterDict()
         self.qf_group_size: dict[str, Optional[int]] = {}
+        self.qf_train_bias: dict[str, bool] = {}
         self.updater: Optional[Updater] = None
+        self.register_buffer("model_dtype", torch.empty(0, dtype=self._base_dtype(base_layer)), persistent=False)
         self.update_layer(adapter_name, config, layer_name)
+
+    def _base_dtype(self, base: nn.Module) -> torch.dtype:
+        """The float dtype ``base`` computes in: its weight's, or a quantized layer's compute dtype (PEFT's probe),
+        else its bias's; float32 when none is known."""
+        _, dtype = self._get_base_layer_device_and_dtype(base)
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
+        bias = getattr(base, "bias", None)
+        return bias.dtype if isinstance(bias, torch.Tensor) and bias.is_floating_point() else torch.float32
 
     def update_layer(self, adapter_name: str, config: QuantFullConfig, layer_name: str = "") -> None:
         """Quantize the base weight into this adapter's int8 state and release the base layer's storage."""
@@ -109,16 +129,51 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
         self.qf_codes[adapter_name], self.qf_scale[adapter_name] = codes, scale
         self.qf_outlier_index[adapter_name], self.qf_outlier_value[adapter_name] = index, value
         self.qf_group_size[adapter_name] = config.group_size
+        self.qf_train_bias[adapter_name] = config.train_bias
         self.stochastic_rounding = config.stochastic_rounding
-        self.qf_anchor[adapter_name] = nn.Parameter(torch.zeros((), device=weight.device))
+        self.qf_anchor[adapter_name] = nn.Parameter(torch.zeros(1, device=weight.device))
         bias = getattr(base, "bias", None)
         if bias is not None:
-            self.qf_bias[adapter_name] = nn.Parameter(bias.detach().to(torch.float32).clone(),
-                                                      requires_grad=config.train_bias)
-        self.base_layer = ReleasedLinear(self.in_features, self.out_features, self.base_format.label)
+            self.qf_bias[adapter_name] = nn.Parameter(bias.detach().to(torch.float32).clone())
+        self.base_layer = self._released()
+        self._weight_format = None  # it referenced the base layer: dropping it frees the base weights
         self.set_adapter(self.active_adapters)
-        if not config.train_bias and adapter_name in self.qf_bias:
-            self.qf_bias[adapter_name].requires_grad_(False)
+
+    def _released(self) -> ReleasedLinear:
+        """The storage-free stand-in that sits in ``base_layer`` whenever the int8 state drives the layer."""
+        return ReleasedLinear(self.in_features, self.out_features, self.base_format.label)
+
+    @property
+    def base_format(self) -> BaseFormat:
+        """The facts of the base layer QuantFull took over (``base_layer`` now holds a stand-in or the merged
+        Linear)."""
+        return self.taken_over
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """Refused: the base layer's format object would be the base weights, which QuantFull released."""
+        raise RuntimeError(
+            f"QuantFull released the weights of layer {self.layer_name!r} ({self.base_format.label}) when it took "
+            "them over as int8 state; there is no base weight to read or write. Fix: use weight_of() for the tuned "
+            "weight, or merge_and_unload() for float Linear layers."
+        )
+
+    # ---- trainability: PEFT turns every adapter tensor on; biases of train_bias=False adapters stay frozen ----------
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """PEFT's ``set_adapter``, then the biases of ``train_bias=False`` adapters frozen again."""
+        super().set_adapter(adapter_names, inference_mode)
+        self._freeze_untrained_biases()
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """PEFT's ``set_requires_grad``, then the biases of ``train_bias=False`` adapters frozen again."""
+        super().set_requires_grad(adapter_names, requires_grad)
+        self._freeze_untrained_biases()
+
+    def _freeze_untrained_biases(self) -> None:
+        for name, bias in self.qf_bias.items():
+            if not self.qf_train_bias[name]:
+                bias.requires_grad_(False)
 
     @property
     def adapter(self) -> str:
@@ -155,10 +210,31 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
         self.updater(self, grad_weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters or self.merged:
-            return self.base_layer(x)  # merged: the tuned float Linear; disabled: raises, the base weights are gone
+        """``x Wᵀ + b`` from the int8 state, in ``x``'s dtype (the state may have been cast; the codes never are).
+
+        Merged: the tuned float Linear. Disabled: the released stand-in raises, since the base weights are gone (a
+        merged layer is unmerged first, so a disabled model never silently runs the tuned weights). An adapter that
+        is not active raises too, for the same reason: there is no base output to fall back on."""
+        result = self._inactive_forward(x)
+        if result is not None:
+            return result
         name = self.adapter
-        out = _Int8Linear.apply(x, self.qf_anchor[name], self)
+        if name not in self.active_adapters:
+            raise RuntimeError(
+                f"QuantFull layer {self.layer_name!r} holds adapter {name!r}, which is not active (active: "
+                f"{self.active_adapters}); its base weights were released, so without that adapter it has nothing to "
+                f"compute. Fix: keep every QuantFull adapter active, e.g. model.base_model.set_adapter([{name!r}, "
+                f"...]) for adapters on different layers, or merge_and_unload() them all first."
+            )
+        anchor = self.qf_anchor[name]
+        if anchor.is_meta and not x.is_meta:
+            raise RuntimeError(
+                f"QuantFull adapter {name!r} of layer {self.layer_name!r} has its parameters on the meta device: it "
+                "was created with low_cpu_mem_usage=True and its weights were never loaded (the base layer's bias, "
+                "copied into the adapter, is not there). Fix: create it with low_cpu_mem_usage=False (QuantFull "
+                "quantizes the base weights at wrap time either way), or load a saved adapter into it."
+            )
+        out = _Int8Linear.apply(x, anchor, self)
         if name in self.qf_bias:
             out = out + self.qf_bias[name].to(out.dtype)
         return out
@@ -166,22 +242,39 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
     # ---- merging -------------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Replace the released base by a float ``nn.Linear`` holding the tuned weights (for merge_and_unload)."""
-        name = self.adapter
-        weight = self.weight_of(torch.float32)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs or Infs in the tuned weights of adapter {name!r}.")
-        linear = nn.Linear(self.in_features, self.out_features, bias=name in self.qf_bias, device=weight.device)
+        """Put a float ``nn.Linear`` with the tuned weights and bias, in the model's dtype, in place of the released
+        base. The int8 state is kept: :meth:`unmerge` hands the layer back to it. ``requantization_error[adapter]``
+        gets the relative error of the merged weight against the int8 state's (the model dtype's rounding)."""
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.qf_codes]
+        if not names:
+            return
+        (name,) = names  # a layer holds one QuantFull adapter (update_layer refuses a second)
+        linear = nn.Linear(self.in_features, self.out_features, bias=name in self.qf_bias,
+                           device=self.qf_codes[name].device, dtype=self.model_dtype.dtype)
+        tuned = self.weight_of(torch.float64, name)
         with torch.no_grad():
-            linear.weight.copy_(weight)
+            linear.weight.copy_(tuned)
             if name in self.qf_bias:
                 linear.bias.copy_(self.qf_bias[name])
+            error = (linear.weight.double() - tuned).norm() / tuned.norm().clamp_min(1e-30)
+        if safe_merge and not all(torch.isfinite(p).all() for p in linear.parameters()):
+            raise ValueError(
+                f"NaNs or Infs in the merged weights of adapter {name!r} (layer {self.layer_name!r}, "
+                f"{self.model_dtype.dtype}). Fix: merge in a wider dtype (model.float() first) if the values overflow, "
+                "or retrain from a checkpoint before the NaNs appeared."
+            )
+        self.requantization_error[name] = float(error)
         linear.requires_grad_(False)
         self.base_layer = linear
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        raise RuntimeError("QuantFull merges by replacing the layer with its tuned float weights; it cannot unmerge.")
+        """Put the released stand-in back: the int8 state drives the layer again, exactly as before the merge."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.base_layer = self._released()
+        self.merged_adapters = []
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The tuned weight itself (QuantFull holds the whole weight, not a delta)."""

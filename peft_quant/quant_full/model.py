@@ -37,6 +37,15 @@ class QuantFullModel(PeftQuantTuner):
                 "unload() cannot return them. Fix: merge_and_unload() gives float Linear layers with the tuned "
                 "weights; or reload the base model."
             )
+        names = set(adapter_names if adapter_names is not None else self.active_adapters)
+        left = [f"{name} ({layer.adapter!r})" for name, layer in self._tuner_layers().items()
+                if not layer.merged and layer.adapter not in names]
+        if left:
+            raise ValueError(
+                f"QuantFull cannot unload layers whose adapter is not merged, since their original weights were "
+                f"released: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}. Fix: merge every QuantFull adapter "
+                f"at once, merge_and_unload(adapter_names={sorted(self.peft_config)!r})."
+            )
         return super()._unload_and_optionally_merge(
             merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

@@ -3,13 +3,14 @@
 The int8 layers' updates happen *inside* backward, as each layer's weight gradient is produced
 (:meth:`QuantFullLayer.consume_gradient`); :meth:`step` then updates the remaining float trainables (biases, norms,
 ``modules_to_save``) with a plain float Lion. Hyperparameters live in ``param_groups`` (group 0: the int8 layers,
-represented by their scalar anchors; group 1: float parameters), so LR schedulers and ``transformers.Trainer``
+represented by their one-element anchors; group 1: float parameters), so LR schedulers and ``transformers.Trainer``
 work, and ``state_dict`` carries the int8 momentum, so checkpoints resume exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -39,7 +40,9 @@ class QuantFullOptimizer(torch.optim.Optimizer):
             rounds exactly as an uninterrupted one.
 
     A weight gradient with NaN or Inf is never applied: that layer's update is skipped, counted in
-    ``skipped_updates`` and logged.
+    ``skipped_updates`` and logged. Non-finite or out-of-range hyperparameters raise a ``ValueError``, at
+    construction and at every step (each layer's fused step and :meth:`step`), so an LR scheduler that writes one
+    fails loudly before the state changes.
 
     Where the Triton kernels run (CUDA tensors, or ``PEFT_QUANT_KERNELS=triton``) and the update is immediate (no
     gradient accumulation, no clipping: both need the whole weight gradient), a layer's update is fused into the
@@ -67,10 +70,13 @@ class QuantFullOptimizer(torch.optim.Optimizer):
                 "QuantFullOptimizer found no QuantFull layer in this model. Fix: wrap it first with "
                 "peft.get_peft_model(model, peft_quant.QuantFullConfig(target_modules=...))."
             )
-        if not lr > 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
-            raise ValueError(f"Invalid Lion hyperparameters lr={lr}, betas={betas}, weight_decay={weight_decay}.")
+        if not (_finite(lr) and lr > 0):
+            raise ValueError(f"QuantFullOptimizer needs a finite lr > 0, got lr={lr!r}. Fix: pass e.g. lr=1e-4.")
         if gradient_accumulation_steps < 1 or momentum_block_size < 1:
-            raise ValueError("gradient_accumulation_steps and momentum_block_size must be positive integers.")
+            raise ValueError(
+                f"gradient_accumulation_steps={gradient_accumulation_steps!r} and momentum_block_size="
+                f"{momentum_block_size!r} must be positive integers. Fix: pass values >= 1."
+            )
         anchors = [layer.qf_anchor[layer.adapter] for layer in layers]
         anchor_ids = {id(a) for a in anchors}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in anchor_ids]
@@ -86,6 +92,31 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         for layer in layers:
             layer.updater = _Int8Updater(self)
         self.register_load_state_dict_post_hook(QuantFullOptimizer._restore_int8)
+        self._check_hyperparameters()
+
+    def _check_hyperparameters(self) -> None:
+        """Refuse hyperparameters that would make the state non-finite or wrong, in every group (an LR scheduler or a
+        user may have rewritten them since the last step) and ``max_grad_norm``; called before any state changes."""
+        for i, group in enumerate(self.param_groups):
+            lr, betas, weight_decay = group["lr"], tuple(group["betas"]), group["weight_decay"]
+            problems = []
+            if not (_finite(lr) and lr >= 0):
+                problems.append(f"lr={lr!r} (needs a finite number >= 0)")
+            if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
+                problems.append(f"betas={betas!r} (needs two numbers in [0, 1))")
+            if not (_finite(weight_decay) and weight_decay >= 0):
+                problems.append(f"weight_decay={weight_decay!r} (needs a finite number >= 0)")
+            if problems:
+                raise ValueError(
+                    f"QuantFullOptimizer param_groups[{i}] ({group['name']!r}) holds {', '.join(problems)}: a step "
+                    "with it would make the trained values non-finite or wrong. Fix: pass finite values, and make the "
+                    "LR scheduler (or the code that sets param_groups) write finite ones."
+                )
+        if self.max_grad_norm is not None and not (_finite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(
+                f"QuantFullOptimizer max_grad_norm={self.max_grad_norm!r} must be a finite number > 0. Fix: pass e.g. "
+                "max_grad_norm=1.0, or None for no clipping."
+            )
 
     @staticmethod
     def _restore_int8(optimizer: "QuantFullOptimizer") -> None:
@@ -130,6 +161,7 @@ class QuantFullOptimizer(torch.optim.Optimizer):
     def _step_from_activations(self, layer: QuantFullLayer, grad_output: torch.Tensor, x: torch.Tensor) -> bool:
         """The fused update from ``grad_output (tokens, out)`` and ``x (tokens, in)``, when it applies (see the class
         doc); False leaves the layer to the reference path (:meth:`_fused_step` with the weight gradient)."""
+        self._check_hyperparameters()
         codes, scale, index, value, group_size = layer.int8_weight()
         if self.gradient_accumulation_steps > 1 or self.max_grad_norm is not None:
             return False
@@ -148,6 +180,7 @@ class QuantFullOptimizer(torch.optim.Optimizer):
 
     def _fused_step(self, layer: QuantFullLayer, grad: torch.Tensor) -> None:
         """Lion on one layer's int8 state, from inside its backward."""
+        self._check_hyperparameters()
         state = self._layer_state(layer)
         if self.gradient_accumulation_steps > 1:
             if "grad_accum" in state:
@@ -180,6 +213,7 @@ class QuantFullOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Update the float trainables with Lion (the int8 layers were updated during backward)."""
+        self._check_hyperparameters()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -212,6 +246,11 @@ class QuantFullOptimizer(torch.optim.Optimizer):
             if state and "grad_accum" in state:
                 state["micro_steps"] = 0
                 self._apply(layer, state, state.pop("grad_accum"))
+
+
+def _finite(value: object) -> bool:
+    """Whether ``value`` is a real number (or one-element tensor) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _Int8Updater:
