@@ -28,23 +28,28 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_conf
 SAFETENSORS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
-_SAFETENSORS_DTYPES = {
+_SAFETENSORS_DTYPES = {  # safetensors' dtype codes -> torch dtype names
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "BOOL": "bool",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "U8": "uint8", "BOOL": "bool",
 }
 
-_source: ContextVar[Optional[str]] = ContextVar("peft_quant_adapter_source", default=None)
+# (file named in errors, its manifest: None where the loader could not read it) of the adapter file being loaded;
+# None outside a file load (a state dict set directly, e.g. one taken from a model in memory)
+_loading: ContextVar[Optional[tuple[str, Optional[dict]]]] = ContextVar("peft_quant_loading", default=None)
 
 
 @contextmanager
-def loading_from(source: str) -> Iterator[None]:
-    """Name ``source`` (the adapter file being loaded) in the errors of :func:`check_adapter_fits` within."""
-    token = _source.set(source)
+def loading_from(source: str, manifest: Optional[dict]) -> Iterator[None]:
+    """Within, :func:`check_adapter_fits` names ``source`` (the adapter file being loaded) in its errors and checks
+    the file against ``manifest`` (read from the file's own ``adapter_config.json``; ``{}``: it has none; ``None``:
+    unknown, then the manifest of the adapter's config is used)."""
+    token = _loading.set((source, manifest))
     try:
         yield
     finally:
-        _source.reset(token)
+        _loading.reset(token)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -62,6 +67,12 @@ def read_manifest(path: str) -> dict[str, list]:
             code = info.get_dtype()
             manifest[key] = [_SAFETENSORS_DTYPES.get(code, code.lower()), list(info.get_shape())]
     return manifest
+
+
+def header_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` as meta tensors (dtype and shape, no data): enough to check it."""
+    return {key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for key, (dtype, shape) in read_manifest(path).items()}
 
 
 def write_manifest(folder: str) -> None:
@@ -83,7 +94,7 @@ def save_atomically(save_directory: str, adapter_names: list[str], write: Callab
     then completes each adapter's folder. Only then does each new file replace the adapter files of that folder
     (:data:`ADAPTER_FILES`), by renames: adapter files the new save did not write are removed, other files kept.
     """
-    target = os.path.abspath(save_directory)
+    target = os.path.realpath(save_directory)  # the real folder: its parent is on the same file system
     if os.path.isfile(target):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     parent = os.path.dirname(target)
@@ -103,7 +114,7 @@ def save_atomically(save_directory: str, adapter_names: list[str], write: Callab
 def _swap_in(new: str, old: str, target: str, subfolders: list[str]) -> None:
     """Move each subfolder's new files into ``target``, first moving its old adapter files to ``old``; undo all on
     failure. Renames within one file system write no data, so they do not fail on a full disk."""
-    undo: list[tuple[str, str]] = []  # (where a file is now, where it goes back)
+    undo: list[tuple[str, Optional[str]]] = []  # (where a file is now, where it goes back; None: remove it)
     try:
         for sub in subfolders:
             destination, backup = os.path.join(target, sub), os.path.join(old, sub)
@@ -154,10 +165,10 @@ def check_adapter_fits(tuner_cls: type, model: torch.nn.Module, config: Any, ada
     """Raise a ``ValueError`` naming the file, the keys and the fix when ``state_dict`` (an adapter file's tensors,
     already remapped by PEFT to the model's keys) is not the file that was saved, or does not fit ``model``.
 
-    Checked: each tensor against the manifest saved with the file (dtype and shape, exactly); each tensor against the
-    model (present, same shape; integer tensors the same dtype; a float tensor may load into another float dtype,
-    the precision the model was loaded in); and every tensor of the method's layers for ``adapter_name`` (parameters
-    and buffers) present in the file.
+    Checked: when loading a file (see :func:`loading_from`), each tensor against the manifest saved with it (dtype
+    and shape, exactly); each tensor against the model (present, same shape; integer tensors the same dtype; a float
+    tensor may load into another float dtype, the precision the model was loaded in); and every tensor of the
+    method's layers for ``adapter_name`` (parameters and buffers) present in the file.
     """
     from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 
@@ -165,12 +176,14 @@ def check_adapter_fits(tuner_cls: type, model: torch.nn.Module, config: Any, ada
     prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     expected = set(_filter_state_dict_by_key_prefixes(model_state, prefixes))
     file_keys = _file_keys(tuner_cls, model, adapter_name, sorted(expected))
-    manifest = dict(getattr(config, "adapter_tensors", None) or {})
+    source, file_manifest = _loading.get() or (None, {})  # a state dict from memory has no manifest to match
+    manifest = dict((file_manifest if file_manifest is not None else getattr(config, "adapter_tensors", None)) or {})
+    prefixed = any(key.startswith(_PEFT_PREFIX) for key in model_state)  # a PeftModel, not an injected model
     modules = {name for name, _ in model.named_modules()}
     edited: list[str] = []  # the file is not what was saved
     misfit: list[str] = []  # the file is for another model
     for key, tensor in state_dict.items():
-        model_key = key if key in model_state else key.removeprefix(_PEFT_PREFIX)
+        model_key = key if prefixed else key.removeprefix(_PEFT_PREFIX)  # as PEFT loads it
         file_key = file_keys.get(model_key, key)
         shown = f"{file_key}: {_dtype_name(tensor.dtype)} {tuple(tensor.shape)}"
         if manifest:
@@ -191,7 +204,7 @@ def check_adapter_fits(tuner_cls: type, model: torch.nn.Module, config: Any, ada
     edited += [f"{key}: in the manifest but missing from the file" for key in sorted(manifest)]
     misfit += [f"{file_keys.get(key, key)}: missing from the adapter file" for key in sorted(expected)]
     method = getattr(tuner_cls, "method_name", "") or tuner_cls.__name__
-    where = f" ({_source.get()})" if _source.get() else ""
+    where = f" ({source})" if source else ""
 
     def listed(problems: list[str]) -> str:
         return "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")

@@ -80,7 +80,8 @@ def _load_base_snippet(facts: dict, base_model: str) -> str:
     module = facts["model_module"]
     if module.startswith("diffusers"):
         subfolder = "unet" if "UNet" in cls else "transformer"
-        lines = [f"from diffusers import {cls}", f'base = {cls}.from_pretrained("{base_model}", subfolder="{subfolder}")']
+        lines = [f"from diffusers import {cls}",
+                 f'base = {cls}.from_pretrained("{base_model}", subfolder="{subfolder}")']
         quantize = _quantize_line(facts)
         return "\n".join(lines + ([quantize + "  # the same quantization as for training"] if quantize else []))
     if not module.startswith("transformers"):

@@ -14,7 +14,6 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from safetensors.torch import load_file, save_file
 
-import peft_quant
 from peft_quant import AdapterFormatError, QOFTConfig
 
 from .conftest import TINY_LLAMA, load_llama, randomize_adapter
@@ -23,7 +22,8 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def _adapter(tiny_llama_dir, tmp_path, variant=None, block_size=16, seed=0):
-    model = get_peft_model(load_llama(tiny_llama_dir, variant), QOFTConfig(target_modules=TARGETS, block_size=block_size))
+    config = QOFTConfig(target_modules=TARGETS, block_size=block_size)
+    model = get_peft_model(load_llama(tiny_llama_dir, variant), config)
     randomize_adapter(model, seed=seed)
     path = tmp_path / f"adapter-{variant}-{block_size}-{seed}"
     model.save_pretrained(path)
