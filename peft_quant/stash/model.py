@@ -6,10 +6,11 @@ import copy
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..adapter_checks import check_adapter_fits
+from ..quant_formats import BaseFormat, UnsupportedLayerError, resolve_format
+from ..tuner_base import PeftQuantTuner
 from .config import StashQuantConfig
 from .packer import PACKER_ATTRIBUTE, attach_packer
 
@@ -40,6 +41,19 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _quantized_parts(module: nn.Module) -> list[str]:
+    """The layers inside ``module`` held in a quantized format (they cannot be trained as a float copy)."""
+    parts = []
+    for name, sub in module.named_modules():
+        try:
+            facts = resolve_format(sub).facts
+        except UnsupportedLayerError:
+            continue
+        if facts.backend != "torch":
+            parts.append(f"{name or type(module).__name__} ({facts.label})")
+    return parts
+
+
 class StashQuantLayer(nn.Module, BaseTunerLayer):
     """A trainable full copy of the target module per adapter (as PEFT's ``modules_to_save``), saved with it.
 
@@ -62,6 +76,7 @@ class StashQuantLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.stash_module = nn.ModuleDict()
         self.merged_adapters: list[str] = []
+        self.requantization_error: dict[str, float] = {}  # per merged adapter: the cast into the base's dtype
         self._unmerged_state: Optional[dict[str, torch.Tensor]] = None  # the base state while merged
         self._active_adapter = adapter_name
         for name in ("in_features", "out_features"):  # what PEFT and users read off a tuner layer
@@ -71,14 +86,29 @@ class StashQuantLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str) -> None:
         """Add ``adapter_name``'s trainable copy of the base module."""
-        if not any(p.is_floating_point() for p in self.base_layer.parameters()):
+        quantized = _quantized_parts(self.base_layer)
+        if quantized or not any(p.is_floating_point() for p in self.base_layer.parameters()):
+            held = f"holds quantized layers: {', '.join(quantized[:3])}" if quantized else "holds no float parameters"
             raise ValueError(
-                f"StashQuant trains its target modules fully, but {type(self.base_layer).__name__} holds no float "
-                "parameters (a quantized layer?). Fix: target float modules, or use "
-                "peft_quant.enable_stash(...) with QOFT, TimestepScale or QuantFull on quantized layers."
+                f"StashQuant trains its target modules fully as float copies, but {type(self.base_layer).__name__} "
+                f"{held}. Fix: target float modules, or compress the stash of a method that trains quantized layers: "
+                "QOFTConfig/TimestepScaleConfig/QuantFullConfig(..., stash={'bits': 4}) or peft_quant.enable_stash."
             )
         self.stash_module[adapter_name] = _copy_module(self.base_layer, on_meta=_creating_on_meta())
         self.set_adapter(self.active_adapters)
+
+    @property
+    def base_format(self) -> BaseFormat:
+        """The base module's facts for the model card and the merge report: its format where it is a Linear or
+        Conv2d, else its type and float dtype."""
+        try:
+            return resolve_format(self.base_layer).facts
+        except UnsupportedLayerError:
+            param = next(p for p in self.base_layer.parameters() if p.is_floating_point())
+            dtype = str(param.dtype).removeprefix("torch.")
+            kind = type(self.base_layer).__name__.lower()
+            return BaseFormat("torch", dtype, param.element_size() * 8, kind, getattr(self, "in_features", 0),
+                              getattr(self, "out_features", 0), True)
 
     def _single(self, adapter_names: list[str], action: str) -> Optional[str]:
         """The one adapter of ``adapter_names`` this layer holds, ``None`` if none; an error if several."""
@@ -122,6 +152,10 @@ class StashQuantLayer(nn.Module, BaseTunerLayer):
             )
         self._unmerged_state = {key: t.detach().clone() for key, t in self.base_layer.state_dict().items()}
         self.base_layer.load_state_dict(trained)
+        merged, floats = self.base_layer.state_dict(), [k for k, t in trained.items() if t.is_floating_point()]
+        error = sum(float((merged[k].double() - trained[k].double()).pow(2).sum()) for k in floats)
+        total = sum(float(trained[k].double().pow(2).sum()) for k in floats)
+        self.requantization_error[name] = (error / max(total, 1e-60)) ** 0.5  # the cast to the base's dtype
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -133,7 +167,7 @@ class StashQuantLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
 
-class StashQuantModel(BaseTuner):
+class StashQuantModel(PeftQuantTuner):
     """Created by ``peft.get_peft_model`` with a :class:`~peft_quant.StashQuantConfig`."""
 
     prefix: str = "stash_"
@@ -143,6 +177,7 @@ class StashQuantModel(BaseTuner):
     fit_hint: str = "with the same target_modules"
 
     def _prepare_model(self, peft_config: StashQuantConfig, model: nn.Module) -> None:
+        super()._prepare_model(peft_config, model)
         attach_packer(model, **peft_config.packer_settings())
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
@@ -154,16 +189,7 @@ class StashQuantModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
+    def _after_unload(self, model: nn.Module) -> None:
         packer = model.__dict__.pop(PACKER_ATTRIBUTE, None)
         if packer is not None:
             packer.detach()
-        return model
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Refuse, with a clear message, an adapter whose tensors do not fit this model's target modules."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_fits(cls, model, config, adapter_name, remapped)
-        return remapped
