@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command of under 9 minutes, for when GPU time is short (15 minutes, start included):
 # install peft-quant over the machine's own CUDA builds of torch and Triton, run the kernel tests on CUDA, then time
-# every kernel and the whole training steps (bench/kernels.py). Each step has its own time limit, so a hang in one
+# every kernel and the whole training steps (bench/triton_kernels.py). Each step has its own time limit, so a hang in one
 # still leaves the logs of the others. Logs go to $OUT (or /tmp/peft-quant-gpu).
 #
 # Usage, from the repository root on the GPU machine:  bash bench/gpu_session.sh
@@ -43,7 +43,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test
     tests/test_kernels_quant_full.py tests/test_kernels_timestep_scale.py tests/test_kernels_stash.py 2>&1 \
     | tee "$out/kernel_tests.log" | tail -25
 
-step "bench/kernels.py"
-timeout 300 python3 bench/kernels.py 2>&1 | tee "$out/bench_kernels.md"
+step "bench/triton_kernels.py"
+timeout 300 python3 bench/triton_kernels.py 2>&1 | tee "$out/bench_kernels.md"
 
 step "done"

@@ -104,7 +104,8 @@ def describe_type(hint: Any, plural: bool = False) -> str:
     """``hint`` in words, for error messages (``plural``: as the elements of a list, e.g. "strings")."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
-        arms = [describe_type(arm, plural) for arm in args if arm is not type(None)]
+        # sorted: typing caches equal Unions, so the order of `args` depends on which module built one first
+        arms = sorted(describe_type(arm, plural) for arm in args if arm is not type(None))
         return " or ".join(arms + (["None"] if type(None) in args else []))
     if origin is Literal:
         return "one of " + ", ".join(repr(choice) for choice in args)

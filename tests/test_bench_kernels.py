@@ -1,6 +1,8 @@
-"""bench/kernels.py --smoke: every timing case (each op's kernel, reference and anchor, and the whole training steps)
-runs once at tiny shapes and returns results of matching shapes and dtypes, so the benchmark code is tested before a
-GPU session spends its minutes on it. In a subprocess: the script sets TRITON_INTERPRET itself when there is no GPU."""
+"""bench/triton_kernels.py --smoke: every timing case (each op's kernel, reference and anchor, and the whole training
+steps) runs once at tiny shapes and returns results of matching shapes and dtypes, so the benchmark code is tested
+before a GPU session spends its minutes on it. In a subprocess: the script sets TRITON_INTERPRET itself when there is
+no GPU. (The script is not named kernels.py: run as a script, bench/ comes first on sys.path and a kernels.py there
+would shadow Hugging Face's `kernels` package, which transformers imports.)"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "triton_kernels.py"
 _BNB = Version(version("bitsandbytes"))
 
 

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 
 import torch
 
-# Where the cases put their tensors: the GPU when there is one; the CPU only for ``bench/kernels.py --smoke``, which
-# runs every case once at the "smoke" size under Triton's interpreter to check the benchmark code itself.
+# Where the cases put their tensors: the GPU when there is one; the CPU only for ``bench/triton_kernels.py --smoke``,
+# which runs every case once at the "smoke" size under Triton's interpreter to check the benchmark code itself.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

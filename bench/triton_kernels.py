@@ -90,7 +90,7 @@ def smoke(ops: list[str], training_steps: bool) -> None:
             raise SystemExit(f"{case.op} {case.shape}: ours returns {ours}, the reference "
                              f"{_signature(results['reference'])}")
         print(f"ok  {case.op:40} {case.shape:40} {', '.join(results)}")
-    print(f"bench/kernels.py --smoke: {len(cases)} cases ran on {DEVICE}; nothing was timed.")
+    print(f"bench/triton_kernels.py --smoke: {len(cases)} cases ran on {DEVICE}; nothing was timed.")
 
 
 def main() -> None:
@@ -107,7 +107,7 @@ def main() -> None:
         smoke(args.ops, not args.no_training_steps)
         return
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here, so no kernel is timed (bench/RESULTS.md: not yet timed). "
+        print("bench/triton_kernels.py: no CUDA device here, so no kernel is timed (bench/RESULTS.md: not yet timed). "
               "Correctness is tested on CPU under TRITON_INTERPRET=1 by `make test`.")
         return
     import triton
