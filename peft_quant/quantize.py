@@ -124,11 +124,12 @@ def _adapter_prefixes(model: nn.Module) -> tuple[str, ...]:
     e.g. StashQuant's trained copies; the copies of ``modules_to_save``): those train in float and are never
     quantized."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper  # ModulesToSaveWrapper's base
 
     kept = ("base_layer", "original_module")
     return tuple(
         f"{name}.{child}" if name else child
-        for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+        for name, module in model.named_modules() if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
         for child, _ in module.named_children() if child not in kept
     )
 

@@ -10,6 +10,8 @@ from torch import nn
 import peft_quant
 from peft_quant.quant_formats import UnsupportedLayerError, resolve_format
 
+from .test_timestep_scale import _Single  # a denoiser-shaped wrapper: forward(sample, timestep)
+
 # name -> quantize_model arguments (None: the float layer itself)
 FORMATS = {
     "float": None,
@@ -163,7 +165,7 @@ def test_adapter_dtype_follows_peft_policy(name, dtype):
     for autocast, expected in ((True, torch.float32), (False, dtype)):
         for config in (peft_quant.QOFTConfig(target_modules=["0"], block_size=8),
                        peft_quant.TimestepScaleConfig(target_modules=["0"], num_experts=1)):
-            model = get_peft_model(_Denoiser(net), config, autocast_adapter_dtype=autocast)
+            model = get_peft_model(_Single(net), config, autocast_adapter_dtype=autocast)
             params = [p for n, p in model.named_parameters() if p.requires_grad]
             assert params and all(p.dtype == expected for p in params)
             out = model(torch.randn(2, 64, dtype=dtype), 3)
@@ -173,12 +175,14 @@ def test_adapter_dtype_follows_peft_policy(name, dtype):
             model.unload()
 
 
-class _Denoiser(nn.Module):
-    """A module whose forward takes a timestep (TimestepScale reads it) around a given network."""
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        return self.net(sample)
+def test_quantize_model_leaves_adapter_modules_and_modules_to_save_in_float():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+    model = get_peft_model(net, peft_quant.StashQuantConfig(target_modules=["0"], modules_to_save=["3"]))
+    peft_quant.quantize_model(model, bits=8, exclude_modules=["0"])
+    inner = model.base_model.model
+    assert isinstance(inner[2], peft_quant.int_quant.IntLinear)  # an ordinary base layer
+    assert type(inner[0].stash_module["default"]) is nn.Linear  # StashQuant's trained copy
+    assert type(inner[3].modules_to_save["default"]) is nn.Linear  # the trained copy of modules_to_save
+    assert isinstance(inner[3].original_module, peft_quant.int_quant.IntLinear)  # its frozen original is a base
