@@ -78,42 +78,61 @@ def _rotate_grads(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tensor,
     return grad_x, grad_r
 
 
-def _blocks(packed: torch.Tensor, block_size: int, num_terms: int, keep: torch.Tensor | None) -> torch.Tensor:
-    """Rotation blocks from packed parameters; where ``keep`` (``(count, 1, 1)`` bools) is False, the identity."""
-    blocks = cayley_neumann(packed, block_size, num_terms)
+def _build(packed: torch.Tensor, block_size: int, num_terms: int) -> torch.Tensor:
+    """Rotation blocks from packed parameters, without autograd (Triton builder or reference)."""
+    if _covered(block_size, BUILD_MAX_BLOCK, packed) and use_triton(packed):
+        from . import qoft_triton
+
+        return qoft_triton.build(packed, block_size, num_terms)
+    with torch.no_grad():
+        return reference.cayley_neumann(packed, block_size, num_terms)
+
+
+def _build_backward(packed: torch.Tensor, grad_blocks: torch.Tensor, block_size: int, num_terms: int
+                    ) -> torch.Tensor:
+    """The packed parameters' gradient from ``dL/dR`` (Triton builder backward or the analytic reference)."""
+    if _covered(block_size, BUILD_MAX_BLOCK, packed, grad_blocks) and use_triton(packed, grad_blocks):
+        from . import qoft_triton
+
+        return qoft_triton.build_backward(packed, grad_blocks, num_terms)
+    return reference.cayley_neumann_backward(packed, grad_blocks, block_size, num_terms)
+
+
+def _with_dropout(blocks: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``blocks`` where ``keep`` (``(count, 1, 1)`` bools) is True, the identity elsewhere."""
     if keep is None:
         return blocks
-    eye = torch.eye(block_size, device=blocks.device, dtype=blocks.dtype)
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
     return torch.where(keep, blocks.expand(keep.shape[0], -1, -1), eye)
 
 
 class _RotateInput(torch.autograd.Function):
     """``x`` rotated by the blocks built from ``packed``, saving only ``x`` and ``packed`` for backward.
 
-    The blocks (and the Cayley–Neumann powers behind them) are rebuilt in backward, at ``n·b³·k`` operations, a
-    fraction ``~b/d`` of the layer's matmul; the rotated input is never kept (the base layer's own backward does
-    not need it when its weight is frozen). So a rotated layer saves no more than a LoRA layer, whose ``A`` keeps
-    the same ``x``.
+    The blocks are rebuilt in backward, at ``n·b³·k`` operations, a fraction ``~b/d`` of the layer's matmul, and the
+    packed parameters' gradient comes from the builder's own backward (no autograd graph); the rotated input is
+    never kept (the base layer's backward does not need it when its weight is frozen). So a rotated layer saves no
+    more than a LoRA layer, whose ``A`` keeps the same ``x``.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, block_size: int, num_terms: int,
                 keep: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad():
-            blocks = _blocks(packed, block_size, num_terms, keep)
         ctx.save_for_backward(x, packed, keep)
         ctx.block_size, ctx.num_terms = block_size, num_terms
-        return _rotate_values(x, blocks)
+        return _rotate_values(x, _with_dropout(_build(packed, block_size, num_terms), keep))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, packed, keep = ctx.saved_tensors
         need_x, need_r = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
-            leaf = packed.detach().requires_grad_(need_r)
-            blocks = _blocks(leaf, ctx.block_size, ctx.num_terms, keep)
-        grad_x, grad_r = _rotate_grads(x, blocks.detach(), grad_out, need_x, need_r)
-        grad_packed = torch.autograd.grad(blocks, leaf, grad_r)[0] if need_r else None
+        blocks = _with_dropout(_build(packed, ctx.block_size, ctx.num_terms), keep)
+        grad_x, grad_r = _rotate_grads(x, blocks, grad_out, need_x, need_r)
+        grad_packed = None
+        if need_r:
+            if keep is not None:  # dropped blocks were the identity: no gradient; a shared block sums its copies
+                grad_r = (grad_r * keep).sum(0, keepdim=True) if packed.shape[0] == 1 else grad_r * keep
+            grad_packed = _build_backward(packed, grad_r.to(packed.dtype), ctx.block_size, ctx.num_terms)
         return grad_x, grad_packed, None, None, None
 
 

@@ -133,3 +133,14 @@ def test_rotate_input_equals_autograd_through_the_reference_and_saves_only_x_and
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gp, ep, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks,b,terms", [(3, 4, 2), (2, 8, 3), (4, 16, 5), (1, 32, 6)])
+def test_analytic_builder_backward_equals_autograd(blocks, b, terms):
+    from peft_quant.qoft.rotation import cayley_neumann_backward
+
+    packed = _packed(blocks, b, 0.3).requires_grad_()
+    grad = torch.randn(blocks, b, b, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (expected,) = torch.autograd.grad(cayley_neumann(packed, b, terms), packed, grad)
+    torch.testing.assert_close(cayley_neumann_backward(packed.detach(), grad, b, terms), expected,
+                               rtol=1e-12, atol=1e-12)

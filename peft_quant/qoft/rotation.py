@@ -46,6 +46,24 @@ def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> tor
     return rotation
 
 
+def cayley_neumann_backward(packed: torch.Tensor, grad: torch.Tensor, block_size: int, num_terms: int
+                            ) -> torch.Tensor:
+    """The gradient of :func:`cayley_neumann` for ``packed``, given ``grad = dL/dR`` ``(n, b, b)``, without autograd.
+
+    With ``R = Σ cᵢ Qⁱ`` and ``A = Qᵀ = −Q``: ``dL/dQ = Σ_{i≥1} cᵢ Tᵢ`` where ``T₁ = G`` and
+    ``T_{i+1} = A Tᵢ + G Aⁱ``; the packed gradient is ``dL/dQ − (dL/dQ)ᵀ`` on the upper triangle (``Q = U − Uᵀ``).
+    """
+    a = -skew_symmetric(packed, block_size)  # Qᵀ
+    term, power = grad, None
+    total = (1.0 if num_terms == 2 else 2.0) * term
+    for i in range(2, num_terms):
+        power = a if power is None else torch.bmm(power, a)  # A^{i-1}
+        term = torch.bmm(a, term) + torch.bmm(grad, power)
+        total = total + (1.0 if i == num_terms - 1 else 2.0) * term
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    return total[:, rows, cols] - total[:, cols, rows]
+
+
 def cayley_exact(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """The exact Cayley transform ``(I + Q)(I - Q)⁻¹`` (a reference for tests and for truncation bounds)."""
     q = skew_symmetric(packed, block_size)
