@@ -5,6 +5,10 @@ The int8 layers' updates happen *inside* backward, as each layer's weight gradie
 ``modules_to_save``) with a plain float Lion. Hyperparameters live in ``param_groups`` (group 0: the int8 layers,
 represented by their one-element anchors; group 1: float parameters), so LR schedulers and ``transformers.Trainer``
 work, and ``state_dict`` carries the int8 momentum, so checkpoints resume exactly.
+
+Under data parallelism (DDP) the in-backward update runs before DDP averages gradients, so each layer averages its
+own weight gradient over the data-parallel group right before applying it (:mod:`peft_quant.distributed`); FSDP is
+refused.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..distributed import SUPPORTED_ENGINES, average_gradient_, data_parallel_group, refuse_sharded
 from ..kernels.quant_full import fused_step_supported, lion_step_from_activations_
 from .int8_state import LionHyper, lion_step_
 from .layer import QuantFullLayer
@@ -37,7 +42,19 @@ class QuantFullOptimizer(torch.optim.Optimizer):
             and step on the last one (costs 4 bytes per tuned parameter while accumulating; match the Trainer's
             ``gradient_accumulation_steps``).
         seed: seeds stochastic rounding; each layer's noise depends on (seed, layer, step), so a resumed run
-            rounds exactly as an uninterrupted one.
+            rounds exactly as an uninterrupted one, and every rank of a data-parallel run rounds alike.
+        process_group: the data-parallel group whose ranks average each weight gradient before the update (as DDP
+            averages the float gradients); None: the default group. Only used while ``torch.distributed`` is
+            initialized with more than one process in the group.
+
+    Data parallelism: under DDP each rank averages a layer's weight gradient with the other ranks (one all-reduce
+    of the layer's float32 gradient) right before its update, so every rank applies the same step and the ranks stay
+    identical, equal to one process training on the whole batch; the fused kernel that never materialises the
+    gradient is then not used. With ``gradient_accumulation_steps`` only the summed gradient of the applying
+    micro-step is averaged, so DDP's ``no_sync()`` on the other micro-steps costs no collective here either. Every
+    rank must run the same layers on the same number of micro-batches (a rank that skips a layer's backward leaves
+    the others waiting). FSDP (``fully_shard``, DTensor parameters) is refused with an error naming DDP, here or at the
+    first backward when the model was sharded after this optimizer was created.
 
     A weight gradient with NaN or Inf is never applied: that layer's update is skipped, counted in
     ``skipped_updates`` and logged. Non-finite or out-of-range hyperparameters raise a ``ValueError``, at
@@ -63,7 +80,9 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         max_grad_norm: Optional[float] = None,
         gradient_accumulation_steps: int = 1,
         seed: int = 0,
+        process_group: Optional[object] = None,
     ) -> None:
+        refuse_sharded(model, "QuantFullOptimizer")
         layers = [m for m in model.modules() if isinstance(m, QuantFullLayer)]
         if not layers:
             raise ValueError(
@@ -86,8 +105,10 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.seed = seed
+        self.process_group = process_group
         self.skipped_updates = 0
         self._layers = layers
+        self._anchors = anchors  # the parameters the state is keyed by: a wrapper replacing them is refused
         self._index = {id(layer): i for i, layer in enumerate(layers)}
         for layer in layers:
             layer.updater = _Int8Updater(self)
@@ -135,7 +156,16 @@ class QuantFullOptimizer(torch.optim.Optimizer):
 
     def _layer_state(self, layer: QuantFullLayer) -> dict:
         """The layer's optimizer state: step count and int8 momentum (zero at the first step)."""
-        state = self.state[layer.qf_anchor[layer.adapter]]
+        anchor = layer.qf_anchor[layer.adapter]
+        if anchor is not self._anchors[self._index[id(layer)]]:
+            raise RuntimeError(
+                f"The parameters of QuantFull layer {layer.layer_name!r} were replaced after QuantFullOptimizer was "
+                "created (FSDP's fully_shard does this, as does to_empty() or load_state_dict(assign=True)), so its "
+                f"optimizer state would be lost or split between objects. {SUPPORTED_ENGINES}. Fix: use "
+                "DistributedDataParallel instead of fully_shard; otherwise create the optimizer after the model's "
+                "parameters are final."
+            )
+        state = self.state[anchor]
         if not state:
             codes = layer.qf_codes[layer.adapter]
             blocks = -(-codes.numel() // self.momentum_block_size)
@@ -164,6 +194,8 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self._check_hyperparameters()
         codes, scale, index, value, group_size = layer.int8_weight()
         if self.gradient_accumulation_steps > 1 or self.max_grad_norm is not None:
+            return False
+        if data_parallel_group(self.process_group) is not None:  # the gradient must be averaged before the step
             return False
         if not fused_step_supported(grad_output, x, codes, self.momentum_block_size):
             return False
@@ -195,6 +227,8 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self._apply(layer, state, grad)
 
     def _apply(self, layer: QuantFullLayer, state: dict, grad: torch.Tensor) -> None:
+        """Lion on the layer's int8 state with ``grad`` (owned: averaged over the data-parallel ranks in place)."""
+        grad = average_gradient_(grad.to(torch.float32), data_parallel_group(self.process_group))
         if not torch.isfinite(grad).all():
             self._skip(layer)
             return

@@ -1,0 +1,182 @@
+"""Small data-parallel trainings over two CPU processes (gloo), for ``tests/test_distributed.py``.
+
+``python -m tests.distributed_worker ENGINE OUT_DIR`` (``ENGINE``: ``ddp`` or ``fsdp``) spawns two ranks that train
+each case of that engine for a few steps, each rank on its half of every batch, and save what they end with to
+``OUT_DIR/{case}.rank{r}.pt``; then, in this parent process with no process group, the same case trains on the
+whole batch and is saved as ``OUT_DIR/{case}.single.pt``. A case that must be refused saves the error instead.
+One launch runs every case of an engine: starting the processes (importing torch, PEFT, transformers) costs more
+than the tiny trainings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conformance_cases import Case, build_base, make_config
+
+WORLD = 2
+STEPS = 4
+BATCH = 8  # whole batch of one micro-step; each rank gets BATCH // WORLD samples of it
+TIMEOUT = datetime.timedelta(seconds=60)  # a collective that waits longer fails instead of hanging the test
+
+
+def _data(micro_steps: int) -> dict[str, torch.Tensor]:
+    """Inputs, targets and per-sample timesteps for ``STEPS`` optimizer steps of ``micro_steps`` micro-batches."""
+    g = torch.Generator().manual_seed(3)
+    shape = (STEPS, micro_steps, BATCH)
+    return dict(x=torch.randn(*shape, 64, generator=g), y=torch.randn(*shape, 64, generator=g),
+                t=torch.rand(shape, generator=g) * 1000, eval_x=torch.randn(BATCH, 64, generator=g),
+                eval_t=torch.linspace(0, 999, BATCH))
+
+
+# case name -> (conformance cell, optimizer kind, micro-steps per optimizer step)
+CASES = {
+    "quant_full": (Case("quant_full", "float", "fp32"), "quant_full", 1),
+    "quant_full_accum": (Case("quant_full", "float", "fp32"), "quant_full", 2),
+    "qoft": (Case("qoft", "int4", "fp32"), "adamw", 1),
+    "timestep_scale": (Case("timestep_scale", "int8", "fp32"), "adamw", 1),
+}
+ENGINE_CASES = {
+    "ddp": ["quant_full", "quant_full_accum", "qoft", "timestep_scale"],
+    # the QuantFull refusals come last: they leave that model's FSDP state half-way through a step
+    "fsdp": ["qoft", "timestep_scale", "quant_full_optimizer_after_shard", "quant_full_optimizer_before_shard"],
+}
+
+
+def _optimizer(model: nn.Module, kind: str, micro_steps: int) -> torch.optim.Optimizer:
+    if kind == "quant_full":
+        import peft_quant
+
+        # lr of about one int8 step of these weights, so stochastic rounding decides many codes
+        return peft_quant.QuantFullOptimizer(model, lr=1e-3, weight_decay=0.1, gradient_accumulation_steps=micro_steps)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU copy of ``t`` (an FSDP2 DTensor gathered whole)."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().clone()
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every trained tensor: float trainables, and for QuantFull each layer's int8 state and int8 momentum."""
+    from peft_quant.quant_full.layer import QuantFullLayer
+
+    state = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad and "qf_anchor" not in name}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantFullLayer):
+            codes, scale, index, value, _ = module.int8_weight()
+            state.update({f"{name}.codes": codes.clone(), f"{name}.outlier_value": value.clone()})
+            momentum = optimizer.state[module.qf_anchor[module.adapter]]
+            state.update({f"{name}.momentum_codes": momentum["momentum_codes"].clone(),
+                          f"{name}.momentum_absmax": momentum["momentum_absmax"].clone(),
+                          f"{name}.step": torch.tensor(momentum["step"])})
+    return state
+
+
+def train(name: str, rank: int, world: int, wrap: Callable[[nn.Module], nn.Module]) -> dict[str, Any]:
+    """Train case ``name`` as rank ``rank`` of ``world`` (world 1: the whole batch), wrapped by ``wrap`` (DDP,
+    FSDP2 or nothing); returns the final eval output and trained state."""
+    from peft import get_peft_model
+
+    case, kind, micro_steps = CASES[name]
+    torch.manual_seed(0)
+    model = get_peft_model(build_base(case), make_config(case))
+    optimizer = _optimizer(model, kind, micro_steps) if name.startswith("quant_full") else None
+    engine = wrap(model)
+    optimizer = optimizer or _optimizer(model, kind, micro_steps)  # FSDP2: after sharding, over its DTensors
+    data = _data(micro_steps)
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    for step in range(STEPS):
+        for micro in range(micro_steps):
+            last = micro == micro_steps - 1
+            # DDP: gradients of every micro-step but the last stay local (what Trainer and accelerate do)
+            ddp = isinstance(engine, nn.parallel.DistributedDataParallel)
+            sync = engine.no_sync() if ddp and not last else nullcontext()
+            with sync:
+                out = engine(data["x"][step, micro, part], timestep=data["t"][step, micro, part])
+                loss = F.mse_loss(out, data["y"][step, micro, part]) / micro_steps
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        logits = engine(data["eval_x"], timestep=data["eval_t"])
+    return dict(logits=_full(logits), state=_state(model, optimizer))
+
+
+def _ddp(model: nn.Module) -> nn.Module:
+    # forward_sync_buffers=False: QuantFull's int8 codes are buffers; rank 0's copy broadcast at every forward would
+    # mask ranks that drift apart (and costs one byte per weight per forward)
+    return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+
+
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model)
+
+
+def _refusal(rank: int, when: str) -> dict[str, Any]:
+    """QuantFull under FSDP2, with its optimizer created after (``when="after"``) or before the sharding: the error."""
+    from peft import get_peft_model
+
+    case = CASES["quant_full"][0]
+    torch.manual_seed(0)
+    model = get_peft_model(build_base(case), make_config(case))
+    data = _data(1)
+    try:
+        optimizer = None if when == "after" else _optimizer(model, "quant_full", 1)
+        engine = _fsdp(model)
+        optimizer = optimizer or _optimizer(model, "quant_full", 1)
+        out = engine(data["x"][0, 0, :4], timestep=data["t"][0, 0, :4])
+        F.mse_loss(out, data["y"][0, 0, :4]).backward()
+        optimizer.step()
+    except Exception as error:  # noqa: BLE001  (recorded for the test to judge, whatever it is)
+        return dict(error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+    return dict(error=None)
+
+
+def _rank(rank: int, engine: str, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=TIMEOUT)
+    try:
+        for name in ENGINE_CASES[engine]:
+            if name.startswith("quant_full_optimizer_"):
+                result = _refusal(rank, name.split("_")[-2])
+            else:
+                result = train(name, rank, WORLD, _ddp if engine == "ddp" else _fsdp)
+            torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(engine: str, out_dir: str) -> None:
+    mp.spawn(_rank, args=(engine, _free_port(), out_dir), nprocs=WORLD, join=True)
+    torch.set_num_threads(1)
+    for name in ENGINE_CASES[engine]:
+        if name in CASES:
+            torch.save(train(name, 0, 1, lambda model: model), Path(out_dir) / f"{name}.single.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

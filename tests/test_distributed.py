@@ -1,0 +1,137 @@
+"""Data parallelism over two CPU processes (gloo): every rank trains the same model, equal to one process.
+
+Each engine is one launch of ``tests/distributed_worker.py`` (two spawned ranks running every case of the engine,
+then the single-process references); the tests compare what they saved. The reference is computed another way:
+one process, no process group, the whole batch per step. Cases (``distributed_worker.CASES``): QuantFull on the
+conformance MLP (float base, biases trained by float Lion) without and with gradient accumulation (DDP's
+``no_sync`` on the first micro-step), QOFT on int4 layers, TimestepScale on int8 layers with mixed timesteps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from peft_quant import QuantFullConfig, QuantFullOptimizer
+
+from .distributed_worker import ENGINE_CASES, STEPS
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH_TIMEOUT = 240  # seconds: a rank stuck in a collective fails the test (each collective also times out at 60 s)
+# Logits of the data-parallel run against one process: the averaged gradient differs from the whole-batch one only
+# in float32 summation order (~1e-7 relative). Float trainables (AdamW, float Lion) inherit that (measured 1e-7 to
+# 3e-7); QuantFull's int8 codes move by sign(c) and identically seeded rounding, so they move identically unless some
+# |c| lies within that noise of zero (measured: no code differs, logits equal exactly). 1e-5 is 30x the noise, and
+# 1e-4 below what ranks stepping on their own gradients give (0.08).
+LOGIT_RTOL = 1e-5
+MAX_CODE_MISMATCH = 1e-3  # fraction of int8 codes allowed to differ from one process (a sign flip of such a tiny c)
+
+
+def _launch(engine: str, tmp_path_factory) -> tuple[str, Path]:
+    """Run one engine's cases over two processes; ``(engine, directory of the saved results)``."""
+    out = tmp_path_factory.mktemp(engine)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "tests.distributed_worker", engine, str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, f"{engine} workers failed:\n{result.stderr[-6000:]}"
+    return engine, out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[str, Path]:
+    return _launch("ddp", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[str, Path]:
+    return _launch("fsdp", tmp_path_factory)
+
+
+@pytest.fixture(params=["ddp", "fsdp"])
+def engine_run(request) -> tuple[str, Path]:
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def _load(out: Path, name: str, who: str) -> dict:
+    return torch.load(out / f"{name}.{who}.pt")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _trained_cases(engine: str) -> list[str]:
+    return [name for name in ENGINE_CASES[engine] if not name.startswith("quant_full_optimizer_")]
+
+
+def test_ranks_are_identical_and_equal_one_process(engine_run):
+    engine, out = engine_run
+    for name in _trained_cases(engine):
+        rank0, rank1, single = (_load(out, name, who) for who in ("rank0", "rank1", "single"))
+        assert torch.equal(rank0["logits"], rank1["logits"]), f"{engine} {name}: ranks compute different outputs"
+        assert rank0["state"].keys() == rank1["state"].keys() == single["state"].keys()
+        for key, value in rank0["state"].items():
+            assert torch.equal(value, rank1["state"][key]), f"{engine} {name}: ranks hold different {key}"
+        error = _relative(rank0["logits"], single["logits"])
+        assert error < LOGIT_RTOL, f"{engine} {name}: logits differ from one process by {error:.2e} (relative)"
+
+
+def test_quant_full_ddp_state_matches_one_process(ddp_run):
+    """The int8 codes and momentum of every layer, against one process; and the steps were really taken."""
+    _, out = ddp_run
+    for name in ("quant_full", "quant_full_accum"):
+        state, single = _load(out, name, "rank0")["state"], _load(out, name, "single")["state"]
+        layers = [key[: -len(".codes")] for key in state if key.endswith(".codes")]
+        assert len(layers) == 2
+        for layer in layers:
+            # accumulation over 2 micro-steps still takes one int8 step per optimizer step
+            assert state[f"{layer}.step"].item() == single[f"{layer}.step"].item() == STEPS
+            assert state[f"{layer}.momentum_absmax"].min() > 0  # gradients reached every momentum block
+            codes, reference = state[f"{layer}.codes"], single[f"{layer}.codes"]
+            mismatch = (codes != reference).float().mean().item()
+            assert mismatch <= MAX_CODE_MISMATCH, f"{name} {layer}: {mismatch:.2%} of the int8 codes differ"
+            assert (codes.int() - reference.int()).abs().max() <= 2  # one Lion step is at most ~1-2 codes here
+            moved = (state[f"{layer}.momentum_codes"] != single[f"{layer}.momentum_codes"]).float().mean().item()
+            assert moved <= MAX_CODE_MISMATCH, f"{name} {layer}: {moved:.2%} of the momentum codes differ"
+            error = _relative(state[f"{layer}.momentum_absmax"], single[f"{layer}.momentum_absmax"])
+            assert error < LOGIT_RTOL, f"{name} {layer}: momentum scales differ by {error:.2e}"
+
+
+def test_adapters_trained_away_from_identity(engine_run):
+    """Guards the comparisons above against a run that trained nothing (identical because untouched)."""
+    engine, out = engine_run
+    for name in ("qoft", "timestep_scale"):
+        state = _load(out, name, "rank0")["state"]
+        start = 0.0 if name == "qoft" else 1.0  # QOFT's Q starts at 0 (R = I), TimestepScale's scales at 1
+        assert state and all((value != start).any() for value in state.values()), f"{engine} {name} did not train"
+
+
+def test_quant_full_fsdp_is_refused(fsdp_run):
+    _, out = fsdp_run
+    for when, error_type in (("after", "ValueError"), ("before", "RuntimeError")):
+        for rank in ("rank0", "rank1"):
+            error = _load(out, f"quant_full_optimizer_{when}_shard", rank)["error"]
+            assert error is not None, f"QuantFull trained under FSDP2 (optimizer created {when} fully_shard)"
+            assert error.startswith(error_type), error
+            assert "DistributedDataParallel" in error and "Fix:" in error, error
+
+
+def test_replaced_anchor_is_refused_at_backward():
+    """A wrapper that swaps a layer's parameters after the optimizer exists (what fully_shard does) is refused with
+    the fix, in one process, before the state is touched."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), QuantFullConfig(target_modules=["0"]))
+    QuantFullOptimizer(model, lr=1e-3)
+    layer = model.base_model.model[0]
+    codes = layer.qf_codes["default"].clone()
+    layer.qf_anchor["default"] = nn.Parameter(torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"replaced after QuantFullOptimizer was created.*Fix: use Distributed"):
+        model(torch.randn(4, 16)).sum().backward()
+    assert torch.equal(layer.qf_codes["default"], codes)
