@@ -78,24 +78,30 @@ def _rotate_grads(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tensor,
     return grad_x, grad_r
 
 
-def _build(packed: torch.Tensor, block_size: int, num_terms: int) -> torch.Tensor:
-    """Rotation blocks from packed parameters, without autograd (Triton builder or reference)."""
-    if _covered(block_size, BUILD_MAX_BLOCK, packed) and use_triton(packed):
-        from . import qoft_triton
+class _Builder:
+    """Builds one layer's rotation blocks from packed parameters and takes the gradient back to them, without autograd:
+    the Triton builder and its backward where they cover the case, else the reference, whose skew-symmetric blocks
+    are formed once for both."""
 
-        return qoft_triton.build(packed, block_size, num_terms)
-    with torch.no_grad():
-        return reference.cayley_neumann(packed, block_size, num_terms)
+    def __init__(self, packed: torch.Tensor, block_size: int, num_terms: int) -> None:
+        self.packed, self.block_size, self.num_terms = packed, block_size, num_terms
+        self.triton = _covered(block_size, BUILD_MAX_BLOCK, packed) and use_triton(packed)
+        self.q = None if self.triton else reference.skew_symmetric(packed.detach(), block_size)
 
+    def blocks(self) -> torch.Tensor:
+        if self.triton:
+            from . import qoft_triton
 
-def _build_backward(packed: torch.Tensor, grad_blocks: torch.Tensor, block_size: int, num_terms: int
-                    ) -> torch.Tensor:
-    """The packed parameters' gradient from ``dL/dR`` (Triton builder backward or the analytic reference)."""
-    if _covered(block_size, BUILD_MAX_BLOCK, packed, grad_blocks) and use_triton(packed, grad_blocks):
-        from . import qoft_triton
+            return qoft_triton.build(self.packed, self.block_size, self.num_terms)
+        return reference.neumann(self.q, self.num_terms)
 
-        return qoft_triton.build_backward(packed, grad_blocks, num_terms)
-    return reference.cayley_neumann_backward(packed, grad_blocks, block_size, num_terms)
+    def backward(self, grad_blocks: torch.Tensor) -> torch.Tensor:
+        """The packed parameters' gradient from ``dL/dR``."""
+        if self.triton:
+            from . import qoft_triton
+
+            return qoft_triton.build_backward(self.packed, grad_blocks, self.num_terms)
+        return reference.cayley_neumann_backward(self.q, grad_blocks.to(self.q.dtype), self.num_terms)
 
 
 def _with_dropout(blocks: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -120,19 +126,19 @@ class _RotateInput(torch.autograd.Function):
                 keep: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, packed, keep)
         ctx.block_size, ctx.num_terms = block_size, num_terms
-        return _rotate_values(x, _with_dropout(_build(packed, block_size, num_terms), keep))
+        return _rotate_values(x, _with_dropout(_Builder(packed, block_size, num_terms).blocks(), keep))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, packed, keep = ctx.saved_tensors
         need_x, need_r = ctx.needs_input_grad[:2]
-        blocks = _with_dropout(_build(packed, ctx.block_size, ctx.num_terms), keep)
-        grad_x, grad_r = _rotate_grads(x, blocks, grad_out, need_x, need_r)
+        builder = _Builder(packed, ctx.block_size, ctx.num_terms)
+        grad_x, grad_r = _rotate_grads(x, _with_dropout(builder.blocks(), keep), grad_out, need_x, need_r)
         grad_packed = None
         if need_r:
             if keep is not None:  # dropped blocks were the identity: no gradient; a shared block sums its copies
                 grad_r = (grad_r * keep).sum(0, keepdim=True) if packed.shape[0] == 1 else grad_r * keep
-            grad_packed = _build_backward(packed, grad_r.to(packed.dtype), ctx.block_size, ctx.num_terms)
+            grad_packed = builder.backward(grad_r.to(packed.dtype))
         return grad_x, grad_packed, None, None, None
 
 

@@ -14,6 +14,8 @@ saved adapter means and must bump that version.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -22,9 +24,15 @@ def num_packed(block_size: int) -> int:
     return block_size * (block_size - 1) // 2
 
 
+@functools.cache
+def _upper_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the entries above the diagonal, in the packed order."""
+    return tuple(torch.triu_indices(block_size, block_size, 1, device=device))
+
+
 def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """``(n, b(b-1)/2)`` packed upper triangles → ``(n, b, b)`` skew-symmetric matrices."""
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    rows, cols = _upper_indices(block_size, packed.device)
     upper = packed.new_zeros(packed.shape[0], block_size, block_size)
     upper[:, rows, cols] = packed
     return upper - upper.transpose(-1, -2)
@@ -36,7 +44,12 @@ def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> tor
     Summed term by term from the powers of ``Q`` into one accumulator, so backward keeps only ``Q … Q^{k-2}``
     (``k - 2`` blocks of ``b × b``, as PEFT's OFT does), not one partial sum per term as Horner's scheme would.
     """
-    q = skew_symmetric(packed, block_size)
+    return neumann(skew_symmetric(packed, block_size), num_terms)
+
+
+def neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """``R = I + 2Q + … + 2Q^{k-2} + Q^{k-1}`` from skew-symmetric blocks ``q`` ``(n, b, b)``."""
+    block_size = q.shape[-1]
     rotation = torch.eye(block_size, dtype=q.dtype, device=q.device).repeat(q.shape[0], 1, 1)
     power = q
     for i in range(1, num_terms):
@@ -46,22 +59,22 @@ def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> tor
     return rotation
 
 
-def cayley_neumann_backward(packed: torch.Tensor, grad: torch.Tensor, block_size: int, num_terms: int
-                            ) -> torch.Tensor:
-    """The gradient of :func:`cayley_neumann` for ``packed``, given ``grad = dL/dR`` ``(n, b, b)``, without autograd.
+def cayley_neumann_backward(q: torch.Tensor, grad: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """The gradient of :func:`cayley_neumann` for its packed parameters, given the skew-symmetric blocks ``q`` they
+    form (:func:`skew_symmetric`) and ``grad = dL/dR`` ``(n, b, b)``, without autograd.
 
     With ``R = Σ cᵢ Qⁱ`` and ``A = Qᵀ = −Q``: ``dL/dQ = Σ_{i≥1} cᵢ Tᵢ`` where ``T₁ = G`` and
     ``T_{i+1} = A Tᵢ + G Aⁱ``; the packed gradient is ``dL/dQ − (dL/dQ)ᵀ`` on the upper triangle (``Q = U − Uᵀ``).
     """
-    a = -skew_symmetric(packed, block_size)  # Qᵀ
+    a = -q  # Qᵀ
     term, power = grad, None
     total = (1.0 if num_terms == 2 else 2.0) * term
     for i in range(2, num_terms):
         power = a if power is None else torch.bmm(power, a)  # A^{i-1}
         term = torch.bmm(a, term) + torch.bmm(grad, power)
         total = total + (1.0 if i == num_terms - 1 else 2.0) * term
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
-    return total[:, rows, cols] - total[:, cols, rows]
+    rows, cols = _upper_indices(q.shape[-1], q.device)
+    return (total - total.transpose(-1, -2))[:, rows, cols]
 
 
 def cayley_exact(packed: torch.Tensor, block_size: int) -> torch.Tensor:
