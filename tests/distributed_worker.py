@@ -42,17 +42,25 @@ def _data(micro_steps: int) -> dict[str, torch.Tensor]:
                 eval_t=torch.linspace(0, 999, BATCH))
 
 
-# case name -> (conformance cell, optimizer kind, micro-steps per optimizer step)
+# The stash keeps saved tensors under min_numel values exact; a rank's half batch saves 4 x 64 = 256 values at fc1's
+# input, so the default (1024) would pack nothing on the ranks. 256 packs every activation of both layers.
+STASH_MIN_NUMEL = 256
+# case name -> (conformance cell, optimizer kind, micro-steps per optimizer step, config overrides)
 CASES = {
-    "quant_full": (Case("quant_full", "float", "fp32"), "quant_full", 1),
-    "quant_full_accum": (Case("quant_full", "float", "fp32"), "quant_full", 2),
-    "qoft": (Case("qoft", "int4", "fp32"), "adamw", 1),
-    "timestep_scale": (Case("timestep_scale", "int8", "fp32"), "adamw", 1),
+    "quant_full": (Case("quant_full", "float", "fp32"), "quant_full", 1, {}),
+    "quant_full_accum": (Case("quant_full", "float", "fp32"), "quant_full", 2, {}),
+    "qoft": (Case("qoft", "int4", "fp32"), "adamw", 1, {}),
+    "timestep_scale": (Case("timestep_scale", "int8", "fp32"), "adamw", 1, {}),
+    # StashQuant alone (fc1, fc2 trained fully, 4-bit stash) and QOFT with stash={"bits": 4}
+    "stash_quant": (Case("stash_quant", "float", "fp32"), "adamw", 1, dict(min_numel=STASH_MIN_NUMEL)),
+    "qoft_stash": (Case("qoft", "int4", "fp32"), "adamw", 1, dict(stash=dict(bits=4, min_numel=STASH_MIN_NUMEL))),
 }
+STASH_CASES = ("stash_quant", "qoft_stash")
 ENGINE_CASES = {
-    "ddp": ["quant_full", "quant_full_accum", "qoft", "timestep_scale"],
+    "ddp": ["quant_full", "quant_full_accum", "qoft", "timestep_scale", *STASH_CASES],
     # the QuantFull refusals come last: they leave that model's FSDP state half-way through a step
-    "fsdp": ["qoft", "timestep_scale", "quant_full_optimizer_after_shard", "quant_full_optimizer_before_shard"],
+    "fsdp": ["qoft", "timestep_scale", *STASH_CASES, "quant_full_optimizer_after_shard",
+             "quant_full_optimizer_before_shard"],
 }
 
 
@@ -87,19 +95,25 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torc
     return state
 
 
-def train(name: str, rank: int, world: int, wrap: Callable[[nn.Module], nn.Module]) -> dict[str, Any]:
+def train(name: str, rank: int, world: int, wrap: Callable[[nn.Module], nn.Module], halves: bool = False
+          ) -> dict[str, Any]:
     """Train case ``name`` as rank ``rank`` of ``world`` (world 1: the whole batch), wrapped by ``wrap`` (DDP,
-    FSDP2 or nothing); returns the final eval output and trained state."""
+    FSDP2 or nothing); returns the final eval output, trained state and how many tensors the stash packed.
+    ``halves`` (world 1 only): each micro-step runs the ranks' ``WORLD`` parts of its batch one after the other,
+    accumulating their gradients, instead of the whole batch at once."""
     from peft import get_peft_model
 
-    case, kind, micro_steps = CASES[name]
+    from peft_quant import stash_packer
+
+    case, kind, micro_steps, overrides = CASES[name]
     torch.manual_seed(0)
-    model = get_peft_model(build_base(case), make_config(case))
+    model = get_peft_model(build_base(case), make_config(case, **overrides))
     optimizer = _optimizer(model, kind, micro_steps) if name.startswith("quant_full") else None
     engine = wrap(model)
     optimizer = optimizer or _optimizer(model, kind, micro_steps)  # FSDP2: after sharding, over its DTensors
     data = _data(micro_steps)
-    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    shares = [slice(r * BATCH // WORLD, (r + 1) * BATCH // WORLD) for r in range(WORLD)]
+    parts = shares if halves else [slice(rank * BATCH // world, (rank + 1) * BATCH // world)]
     for step in range(STEPS):
         for micro in range(micro_steps):
             last = micro == micro_steps - 1
@@ -107,14 +121,17 @@ def train(name: str, rank: int, world: int, wrap: Callable[[nn.Module], nn.Modul
             ddp = isinstance(engine, nn.parallel.DistributedDataParallel)
             sync = engine.no_sync() if ddp and not last else nullcontext()
             with sync:
-                out = engine(data["x"][step, micro, part], timestep=data["t"][step, micro, part])
-                loss = F.mse_loss(out, data["y"][step, micro, part]) / micro_steps
-                loss.backward()
+                for part in parts:
+                    out = engine(data["x"][step, micro, part], timestep=data["t"][step, micro, part])
+                    loss = F.mse_loss(out, data["y"][step, micro, part]) / (micro_steps * len(parts))
+                    loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():
         logits = engine(data["eval_x"], timestep=data["eval_t"])
-    return dict(logits=_full(logits), state=_state(model, optimizer))
+    packer = stash_packer(model)
+    return dict(logits=_full(logits), state=_state(model, optimizer),
+                packed=packer.packed_tensors if packer is not None else 0)
 
 
 def _ddp(model: nn.Module) -> nn.Module:
@@ -176,6 +193,8 @@ def main(engine: str, out_dir: str) -> None:
     for name in ENGINE_CASES[engine]:
         if name in CASES:
             torch.save(train(name, 0, 1, lambda model: model), Path(out_dir) / f"{name}.single.pt")
+        if name in STASH_CASES:
+            torch.save(train(name, 0, 1, lambda model: model, halves=True), Path(out_dir) / f"{name}.halves.pt")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Each engine is one launch of ``tests/distributed_worker.py`` (two spawned ranks 
 then the single-process references); the tests compare what they saved. The reference is computed another way:
 one process, no process group, the whole batch per step. Cases (``distributed_worker.CASES``): QuantFull on the
 conformance MLP (float base, biases trained by float Lion) without and with gradient accumulation (DDP's
-``no_sync`` on the first micro-step), QOFT on int4 layers, TimestepScale on int8 layers with mixed timesteps.
+``no_sync`` on the first micro-step), QOFT on int4 layers, TimestepScale on int8 layers with mixed timesteps,
+StashQuant alone (float layers trained fully, 4-bit stash) and QOFT on int4 layers with ``stash={"bits": 4}``.
+The stash cases also train one process on the two ranks' half-batches in turn, accumulating: that reference packs
+exactly the blocks each rank packs, and the ranks must equal it bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from torch import nn
 
 from peft_quant import QuantFullConfig, QuantFullOptimizer
 
-from .distributed_worker import ENGINE_CASES, STEPS
+from .conformance_cases import Case, build_base
+from .distributed_trainer_worker import MAX_STEPS, SAVE_STEPS
+from .distributed_worker import ENGINE_CASES, STASH_CASES, STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 240  # seconds: a rank stuck in a collective fails the test (each collective also times out at 60 s)
@@ -29,7 +34,9 @@ LAUNCH_TIMEOUT = 240  # seconds: a rank stuck in a collective fails the test (ea
 # in float32 summation order (~1e-7 relative). Float trainables (AdamW, float Lion) inherit that (measured 1e-7 to
 # 3e-7); QuantFull's int8 codes move by sign(c) and identically seeded rounding, so they move identically unless some
 # |c| lies within that noise of zero (measured: no code differs, logits equal exactly). 1e-5 is 30x the noise, and
-# 1e-4 below what ranks stepping on their own gradients give (0.08).
+# 1e-4 below what ranks stepping on their own gradients give (0.08). The 4-bit stash turns that noise into whole
+# 4-bit steps where an activation sits on a rounding boundary of its block (measured: StashQuant 1.1e-6, QOFT with
+# the stash 2.6e-7), still 9x below 1e-5; against the half-batch reference the stash cases must be exact.
 LOGIT_RTOL = 1e-5
 MAX_CODE_MISMATCH = 1e-3  # fraction of int8 codes allowed to differ from one process (a sign flip of such a tiny c)
 
@@ -42,6 +49,37 @@ def _launch(engine: str, tmp_path_factory) -> tuple[str, Path]:
                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, f"{engine} workers failed:\n{result.stderr[-6000:]}"
     return engine, out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trainer_under_accelerate_launch_ddp_ranks_identical_and_resume_exact(tmp_path):
+    """``accelerate launch --config_file examples/accelerate_ddp.yaml`` (2 CPU processes; accelerate starts them
+    through torch.distributed.run) of a Trainer with ``optimizers=(QuantFullOptimizer(...), None)``: the Trainer
+    wraps the model in DDP, both ranks end with the same int8 state and optimizer state, and a new Trainer resumed
+    from the mid-run checkpoint ends bit for bit where the uninterrupted run did."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate_ddp.yaml",
+               "--main_process_port", str(_free_port()), "-m", "tests.distributed_trainer_worker", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stderr[-6000:]}"
+    rank0, rank1 = (torch.load(tmp_path / f"trainer.rank{rank}.pt") for rank in (0, 1))
+    full, resumed = rank0["full"], rank0["resumed"]
+    assert full["ddp"] == "DistributedDataParallel"
+    assert full["forwards"] == MAX_STEPS and resumed["forwards"] == MAX_STEPS - SAVE_STEPS  # really resumed
+    codes = [key for key in full["state"] if key.endswith(".qf_codes.default")]
+    assert len(codes) == 4 * 2  # q, v, up, down of both decoder layers
+    assert all(not torch.equal(full["state"][key], full["initial"][key]) for key in codes), "int8 codes never moved"
+    for key, value in full["state"].items():
+        assert torch.equal(value, rank1["full"]["state"][key]), f"ranks hold different {key}"
+        assert torch.equal(resumed["state"][key], value), f"the resumed run ends with another {key}"
+    assert resumed["losses"] == full["losses"] and sorted(full["losses"]) == list(range(1, MAX_STEPS + 1))
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +121,20 @@ def test_ranks_are_identical_and_equal_one_process(engine_run):
         assert error < LOGIT_RTOL, f"{engine} {name}: logits differ from one process by {error:.2e} (relative)"
 
 
+def test_stash_cases_equal_one_process_on_the_same_half_batches(engine_run):
+    """Packing is blockwise along memory, and each half batch's rows fill whole blocks: one process that runs the two
+    half batches in turn packs exactly the blocks the ranks pack. Its gradient, summed over the halves with each
+    loss halved, is bit for bit DDP's (sum of the two, halved: exact), so every trained tensor must be equal."""
+    engine, out = engine_run
+    for name in STASH_CASES:
+        rank0, rank1, halves = (_load(out, name, who) for who in ("rank0", "rank1", "halves"))
+        # every step packed fc1's input, the GELU's input and fc2's input on each rank (not kept exact by min_numel)
+        assert rank0["packed"] == rank1["packed"] == 3 * STEPS and halves["packed"] == 2 * 3 * STEPS, name
+        assert torch.equal(rank0["logits"], halves["logits"]), f"{engine} {name}: logits differ from one process"
+        for key, value in halves["state"].items():
+            assert torch.equal(rank0["state"][key], value), f"{engine} {name}: {key} differs from one process"
+
+
 def test_quant_full_ddp_state_matches_one_process(ddp_run):
     """The int8 codes and momentum of every layer, against one process; and the steps were really taken."""
     _, out = ddp_run
@@ -107,10 +159,17 @@ def test_quant_full_ddp_state_matches_one_process(ddp_run):
 def test_adapters_trained_away_from_identity(engine_run):
     """Guards the comparisons above against a run that trained nothing (identical because untouched)."""
     engine, out = engine_run
-    for name in ("qoft", "timestep_scale"):
+    for name in ("qoft", "timestep_scale", "qoft_stash"):
         state = _load(out, name, "rank0")["state"]
-        start = 0.0 if name == "qoft" else 1.0  # QOFT's Q starts at 0 (R = I), TimestepScale's scales at 1
+        start = 1.0 if name == "timestep_scale" else 0.0  # QOFT's Q starts at 0 (R = I), TimestepScale's scales at 1
         assert state and all((value != start).any() for value in state.values()), f"{engine} {name} did not train"
+    # StashQuant trains copies of fc1 and fc2 that start as the base layers
+    base = dict(build_base(Case("stash_quant", "float", "fp32")).named_parameters())
+    state = _load(out, "stash_quant", "rank0")["state"]
+    assert len(state) == len(base) == 4
+    for key, value in state.items():
+        layer, _, _, field = key.removeprefix("base_model.model.").split(".")  # fc1.stash_module.default.weight
+        assert not torch.allclose(value, base[f"{layer}.{field}"]), f"{engine} StashQuant did not train {key}"
 
 
 def test_quant_full_fsdp_is_refused(fsdp_run):
