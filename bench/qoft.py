@@ -511,7 +511,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     started = time.perf_counter()
-    activation_table(steps=3 if args.quick else 10)
+    activation_table(steps=3 if args.quick else 30)
     if args.activations:
         return
 
