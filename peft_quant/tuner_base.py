@@ -96,7 +96,10 @@ class PeftQuantLayer(BaseTunerLayer):
         current = fmt.dequantize(torch.float64)
         target = self._merged_weight(current, names)
         if safe_merge and not torch.isfinite(target).all():
-            raise ValueError(f"NaNs or Infs in the merged weight of adapter(s) {names}; the adapter seems broken.")
+            raise ValueError(
+                f"NaNs or Infs in the merged weight of adapter(s) {names}; the adapter seems broken. Fix: check the "
+                "training run (learning rate, loss scaling) and retrain, or keep the adapter unmerged."
+            )
         if not self.merged:
             self._unmerged_base = (fmt.layer, fmt.save_state())
         if not self._fold_exactly(names):
