@@ -1,15 +1,18 @@
-"""Data parallelism for updates that run inside backward (QuantFull's int8 Lion step).
+"""Data parallelism for updates that run inside backward (QuantFull's int8 Lion step), and FSDP2 over bitsandbytes
+4-bit bases.
 
 DDP averages gradients after backward produced them; an update applied inside backward runs before that, so each
 rank would step its own copy with its own gradient and the ranks would silently train different models. The
 update therefore averages the gradient itself, over the data-parallel group, right before applying it
 (:func:`average_gradient_`). FSDP2 shards parameters into DTensors and gathers them only around each forward and
 backward, which the int8 state (buffers, updated in place) does not follow: :func:`refuse_sharded` names DDP
-instead.
+instead. FSDP2 also drops the ``quant_state`` of bitsandbytes 4-bit weights it shards: :func:`fsdp_ignored_params`
+lists them for ``fully_shard(..., ignored_params=...)``, and :func:`check_4bit_base` refuses a layer that lost it.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -61,3 +64,47 @@ def refuse_sharded(model: nn.Module, method: str) -> None:
             "instead of fully_shard (Trainer/accelerate: drop the fsdp settings), and create the optimizer on the "
             "unsharded model.",
         )
+
+
+def _params4bit() -> Optional[type]:
+    try:
+        from bitsandbytes.nn import Params4bit
+    except ImportError:  # no bitsandbytes: no 4-bit bitsandbytes weights to guard
+        return None
+    return Params4bit
+
+
+def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters ``fully_shard`` must leave alone in ``model``: bitsandbytes 4-bit weights (``Params4bit``).
+
+    ``fully_shard`` by default replaces every parameter by a DTensor shard and, around each forward, by a plain
+    gathered tensor; both drop the ``quant_state`` a ``Params4bit`` carries, and bitsandbytes then cannot
+    dequantize the weight. Pass this set as ``fully_shard(module, ignored_params=fsdp_ignored_params(model))``: the
+    frozen 4-bit weights stay whole on every rank (like peft-quant's own int4/int8 buffers) and the adapters are
+    sharded and averaged as usual."""
+    params4bit = _params4bit()
+    if params4bit is None:
+        return set()
+    return {param for param in model.parameters() if isinstance(param, params4bit)}
+
+
+def check_4bit_base(base_layer: nn.Module, method: str) -> None:
+    """Raise when ``base_layer`` is a bitsandbytes ``Linear4bit`` whose weight lost its ``quant_state`` (what
+    ``fully_shard`` without ``ignored_params`` does), instead of bitsandbytes failing deep inside its matmul. Call
+    it at the start of the adapter layer's forward."""
+    bnb = sys.modules.get("bitsandbytes")  # never imported here: without it in memory, no such layer exists
+    if bnb is None:
+        return
+    Linear4bit = bnb.nn.Linear4bit
+
+    if not isinstance(base_layer, Linear4bit) or getattr(base_layer.weight, "quant_state", None) is not None:
+        return
+    if getattr(base_layer, "quant_state", None) is not None:  # bitsandbytes restores the weight's state from it
+        return
+    raise ValueError(
+        f"{method} cannot run on this bitsandbytes 4-bit layer: its weight is a {type(base_layer.weight).__name__}, "
+        "not a Params4bit carrying its quant_state, which is what FSDP2's fully_shard does to every parameter it "
+        "shards. Fix: leave the 4-bit weights out of the sharding with "
+        "fully_shard(module, ignored_params=peft_quant.distributed.fsdp_ignored_params(model)), or wrap the model "
+        "with DistributedDataParallel instead.",
+    )

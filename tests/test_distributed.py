@@ -5,7 +5,9 @@ then the single-process references); the tests compare what they saved. The refe
 one process, no process group, the whole batch per step. Cases (``distributed_worker.CASES``): QuantFull on the
 conformance MLP (float base, biases trained by float Lion) without and with gradient accumulation (DDP's
 ``no_sync`` on the first micro-step), QOFT on int4 layers, TimestepScale on int8 layers with mixed timesteps,
-StashQuant alone (float layers trained fully, 4-bit stash) and QOFT on int4 layers with ``stash={"bits": 4}``.
+StashQuant alone (float layers trained fully, 4-bit stash), QOFT on int4 layers with ``stash={"bits": 4}``, and
+QOFT (DDP and FSDP2) and TimestepScale (FSDP2) on bitsandbytes nf4 layers, FSDP2 with the 4-bit weights left out of
+the sharding (``ignored_params=fsdp_ignored_params(model)``); a plain ``fully_shard`` of them is refused.
 The stash cases also train one process on the two ranks' half-batches in turn, accumulating: that reference packs
 exactly the blocks each rank packs, and the ranks must equal it bit for bit.
 """
@@ -26,7 +28,7 @@ from peft_quant import QuantFullConfig, QuantFullOptimizer
 
 from .conformance_cases import Case, build_base
 from .distributed_trainer_worker import MAX_STEPS, SAVE_STEPS
-from .distributed_worker import ENGINE_CASES, STASH_CASES, STEPS
+from .distributed_worker import CASES, ENGINE_CASES, NF4_CASES, STASH_CASES, STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 240  # seconds: a rank stuck in a collective fails the test (each collective also times out at 60 s)
@@ -106,7 +108,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _trained_cases(engine: str) -> list[str]:
-    return [name for name in ENGINE_CASES[engine] if not name.startswith("quant_full_optimizer_")]
+    return [name for name in ENGINE_CASES[engine] if name in CASES]  # not the refusals
 
 
 def test_ranks_are_identical_and_equal_one_process(engine_run):
@@ -159,9 +161,10 @@ def test_quant_full_ddp_state_matches_one_process(ddp_run):
 def test_adapters_trained_away_from_identity(engine_run):
     """Guards the comparisons above against a run that trained nothing (identical because untouched)."""
     engine, out = engine_run
-    for name in ("qoft", "timestep_scale", "qoft_stash"):
+    for name in ("qoft", "timestep_scale", "qoft_stash", *[n for n in NF4_CASES if n in ENGINE_CASES[engine]]):
         state = _load(out, name, "rank0")["state"]
-        start = 1.0 if name == "timestep_scale" else 0.0  # QOFT's Q starts at 0 (R = I), TimestepScale's scales at 1
+        # QOFT's Q starts at 0 (R = I), TimestepScale's scales at 1
+        start = 1.0 if name.startswith("timestep_scale") else 0.0
         assert state and all((value != start).any() for value in state.values()), f"{engine} {name} did not train"
     # StashQuant trains copies of fc1 and fc2 that start as the base layers
     base = dict(build_base(Case("stash_quant", "float", "fp32")).named_parameters())
@@ -180,6 +183,43 @@ def test_quant_full_fsdp_is_refused(fsdp_run):
             assert error is not None, f"QuantFull trained under FSDP2 (optimizer created {when} fully_shard)"
             assert error.startswith(error_type), error
             assert "DistributedDataParallel" in error and "Fix:" in error, error
+
+
+def test_nf4_cases_ran_where_expected():
+    assert set(NF4_CASES) <= set(ENGINE_CASES["fsdp"]) and "qoft_nf4" in ENGINE_CASES["ddp"]
+
+
+def test_nf4_sharded_by_plain_fully_shard_is_refused(fsdp_run):
+    """Without ``ignored_params`` fully_shard replaces each ``Params4bit`` (dropping its quant_state); the check names
+    the recipe instead of bitsandbytes failing inside its matmul ("quant_state is required")."""
+    _, out = fsdp_run
+    for rank in ("rank0", "rank1"):
+        result = _load(out, "nf4_without_ignored_params", rank)
+        assert result["sharded"] and all(kind != "Params4bit" for kind in result["sharded"]), result["sharded"]
+        error = result["error"]
+        assert error is not None and error.startswith("ValueError: QOFT cannot run"), error
+        assert "ignored_params=peft_quant.distributed.fsdp_ignored_params(model)" in error and "Fix:" in error, error
+        assert "DistributedDataParallel" in error and "quant_state is required" not in error, error
+
+
+def test_check_4bit_base_passes_intact_layers_and_refuses_a_replaced_weight():
+    """In one process: a quantized nf4 layer passes; its weight swapped for a plain Parameter (what fully_shard
+    leaves) is refused; bitsandbytes' module-level quant_state (its own recovery path) passes again."""
+    from peft_quant import quantize_model
+    from peft_quant.distributed import check_4bit_base, fsdp_ignored_params
+
+    torch.manual_seed(0)
+    model = quantize_model(nn.Sequential(nn.Linear(64, 32)), bits=4, backend="bitsandbytes")
+    layer = model[0]
+    assert fsdp_ignored_params(model) == {layer.weight}
+    check_4bit_base(layer, "QOFT")
+    state = layer.weight.quant_state
+    layer.weight = nn.Parameter(layer.weight.data, requires_grad=False)
+    with pytest.raises(ValueError, match=r"QOFT cannot run.*Fix: leave the 4-bit weights out of the sharding"):
+        check_4bit_base(layer, "QOFT")
+    layer.quant_state = state
+    check_4bit_base(layer, "QOFT")
+    check_4bit_base(nn.Linear(4, 4), "QOFT")  # not a bitsandbytes layer: nothing to check
 
 
 def test_replaced_anchor_is_refused_at_backward():

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..distributed import check_4bit_base
 from ..kernels import qoft as qoft_kernels
 from ..tuner_base import PeftQuantLayer
 from .config import QOFTConfig
@@ -90,6 +91,7 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
         return -3 if self.base_format.layer_type == "conv2d" else -1
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        check_4bit_base(self.get_base_layer(), "QOFT")
         inactive = self._inactive_forward(x, *args, **kwargs)
         if inactive is not None:
             return inactive

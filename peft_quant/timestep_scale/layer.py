@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..distributed import check_4bit_base
 from ..int_quant import IntLinear
 from ..kernels.backend import use_triton
 from ..kernels.timestep_scale import int_linear, scale_channels
@@ -95,6 +96,7 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
         return int_linear(x, base, base.bias, table_in, table_out, experts)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        check_4bit_base(self.get_base_layer(), "TimestepScale")
         inactive = self._inactive_forward(x, *args, **kwargs)
         if inactive is not None:
             return inactive
