@@ -27,7 +27,7 @@ from torch import nn
 from peft_quant import QuantFullConfig, QuantFullOptimizer
 
 from .conformance_cases import Case, build_base
-from .distributed_trainer_worker import MAX_STEPS, SAVE_STEPS
+from .distributed_trainer_worker import CPU_DDP_RESUME, MAX_STEPS, SAVE_STEPS
 from .distributed_worker import CASES, ENGINE_CASES, NF4_CASES, STASH_CASES, STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,8 @@ def test_trainer_under_accelerate_launch_ddp_ranks_identical_and_resume_exact(tm
     """``accelerate launch --config_file examples/accelerate_ddp.yaml`` (2 CPU processes; accelerate starts them
     through torch.distributed.run) of a Trainer with ``optimizers=(QuantFullOptimizer(...), None)``: the Trainer
     wraps the model in DDP, both ranks end with the same int8 state and optimizer state, and a new Trainer resumed
-    from the mid-run checkpoint ends bit for bit where the uninterrupted run did."""
+    from the mid-run checkpoint ends bit for bit where the uninterrupted run did (transformers >= 5.18: see
+    ``CPU_DDP_RESUME``; the lower-bound job checks the rest)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "examples/accelerate_ddp.yaml",
                "--main_process_port", str(_free_port()), "-m", "tests.distributed_trainer_worker", str(tmp_path)]
@@ -73,15 +74,19 @@ def test_trainer_under_accelerate_launch_ddp_ranks_identical_and_resume_exact(tm
     assert result.returncode == 0, f"accelerate launch failed:\n{result.stderr[-6000:]}"
     rank0, rank1 = (torch.load(tmp_path / f"trainer.rank{rank}.pt") for rank in (0, 1))
     full, resumed = rank0["full"], rank0["resumed"]
-    assert full["ddp"] == "DistributedDataParallel"
-    assert full["forwards"] == MAX_STEPS and resumed["forwards"] == MAX_STEPS - SAVE_STEPS  # really resumed
+    assert full["ddp"] == "DistributedDataParallel" and full["forwards"] == MAX_STEPS
     codes = [key for key in full["state"] if key.endswith(".qf_codes.default")]
     assert len(codes) == 4 * 2  # q, v, up, down of both decoder layers
     assert all(not torch.equal(full["state"][key], full["initial"][key]) for key in codes), "int8 codes never moved"
     for key, value in full["state"].items():
         assert torch.equal(value, rank1["full"]["state"][key]), f"ranks hold different {key}"
-        assert torch.equal(resumed["state"][key], value), f"the resumed run ends with another {key}"
-    assert resumed["losses"] == full["losses"] and sorted(full["losses"]) == list(range(1, MAX_STEPS + 1))
+    assert sorted(full["losses"]) == list(range(1, MAX_STEPS + 1))
+    assert (resumed is not None) == CPU_DDP_RESUME
+    if CPU_DDP_RESUME:
+        assert resumed["forwards"] == MAX_STEPS - SAVE_STEPS  # really resumed
+        for key, value in full["state"].items():
+            assert torch.equal(resumed["state"][key], value), f"the resumed run ends with another {key}"
+        assert resumed["losses"] == full["losses"]
 
 
 @pytest.fixture(scope="module")
