@@ -279,3 +279,13 @@ def test_autocast_adapter_dtype_leaves_the_float32_state_of_a_bf16_model(autocas
     x = torch.randn(3, 48, dtype=torch.bfloat16)
     with torch.no_grad():
         assert _rel_rms(model(x), _reference(model, x)) < REL_RMS[torch.bfloat16]
+
+
+def test_a_layer_whose_adapter_was_deleted_says_so():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)), QuantFullConfig(target_modules=["0"]))
+    model.add_adapter("other", QuantFullConfig(target_modules=["1"]))
+    model.delete_adapter("default")
+    model.set_adapter("other")
+    with pytest.raises(RuntimeError, match="adapter was deleted.*Fix: load the adapter again"):
+        model(torch.randn(2, 16))

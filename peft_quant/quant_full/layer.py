@@ -177,6 +177,13 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
 
     @property
     def adapter(self) -> str:
+        """The one QuantFull adapter this layer holds."""
+        if not self.qf_codes:
+            raise RuntimeError(
+                f"This layer's QuantFull adapter was deleted, and with it the int8 weights that replaced the released "
+                f"base ({self.base_format.label}): the layer has no weights left to run. Fix: load the adapter again "
+                "(PeftModel.from_pretrained / load_adapter), or reload the base model."
+            )
         return next(iter(self.qf_codes))
 
     def weight_of(self, dtype: torch.dtype = torch.float32, adapter_name: Optional[str] = None) -> torch.Tensor:
