@@ -403,9 +403,7 @@ def _recording_rotation(x, packed, block_size, num_terms, keep=None, dim=-1):
     rotation, which keeps the Cayley–Neumann powers and the reshaped input (the comparison row)."""
     from peft_quant.kernels import qoft as ops
 
-    blocks = ops.cayley_neumann(packed, block_size, num_terms)
-    if keep is not None:
-        blocks = torch.where(keep, blocks.expand(keep.shape[0], -1, -1), torch.eye(block_size, dtype=blocks.dtype))
+    blocks = ops._with_dropout(ops.cayley_neumann(packed, block_size, num_terms), keep)
     moved = x.movedim(dim, -1)
     return ops.rotate(moved, blocks).movedim(-1, dim)
 

@@ -141,7 +141,9 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
         return product(self.ts_scale_in), product(self.ts_scale_out)
 
     def _merged_weight(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """``diag(s_out) W diag(s_in)``: the frozen bias is unscaled in the forward, so it stays as it is."""
+        """``diag(s_out) W diag(s_in)``: the frozen bias is unscaled in the forward, so it stays as it is. Only
+        single-expert adapters merge: several experts raise (naming the fix) here, before the base is touched. Output
+        scales alone fold exactly (:meth:`_fold_exactly`); input scales are re-quantized (exact for float layers)."""
         s_in, s_out = self._scales(names)
         if s_in is not None:
             weight = weight * s_in.view((1, -1) + (1,) * (weight.dim() - 2))
@@ -156,15 +158,6 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
         if s_in is not None and not torch.equal(s_in, torch.ones_like(s_in)):
             return False
         return s_out is None or self.weight_format.fold_output_scale(s_out)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold single-expert scales into the base layer: output scales into the format's per-channel (or per-row
-        block) scales, exactly; input scales by re-quantization (exact only for float layers), error recorded in
-        ``self.requantization_error[adapter]``. Several experts cannot merge (an error names the fix)."""
-        for name in adapter_names or self.active_adapters:
-            self._single_expert(name, self.ts_scale_in)
-            self._single_expert(name, self.ts_scale_out)
-        super().merge(safe_merge, adapter_names)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(s_out, s_in)`` of a single-expert adapter as the outer product the weight is multiplied by."""
