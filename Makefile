@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c .ci/constraints.txt torch
-	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[bnb,gptq,diffusers,dev]'
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[bnb,gptq,hqq,torchao,compressed-tensors,diffusers,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,13 +16,14 @@ Writing bitsandbytes weights goes through PEFT's own backend objects (``peft.uti
 the quant type, block size and double quantization when they re-quantize. Optional packages are never imported here
 unless a layer of theirs is already in memory, so ``import peft_quant`` pulls in no backend.
 
-Adding a base format is one new :class:`WeightFormat` subclass in :data:`FORMATS` plus its row in the conformance
-tests.
+Adding a base format is one new :class:`WeightFormat` subclass in :data:`FORMATS` (or in the ``FORMATS`` of a module
+listed in :data:`FORMAT_MODULES`) plus its row in the conformance tests.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import sys
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ SUPPORTED_LAYERS = (
     "bitsandbytes Linear8bitLt, and gptqmodel's GPTQ linear layers (GPTQ checkpoints loaded by transformers)"
 )
 
-_EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "diffusers": "diffusers"}
+_EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "diffusers": "diffusers", "hqq": "hqq", "torchao": "torchao",
+           "compressed_tensors": "compressed-tensors"}
 
 
 class UnsupportedLayerError(TypeError):
@@ -405,8 +407,19 @@ class GptqFormat(WeightFormat):
         pass
 
 
-#: every known format, probed in order; the first whose ``matches`` is true describes the layer
+#: the formats defined in this module, probed in order after those of :data:`FORMAT_MODULES`
 FORMATS: tuple[type[WeightFormat], ...] = (IntFormat, Bnb4bitFormat, Bnb8bitFormat, GptqFormat, FloatFormat)
+#: sibling modules that each define a ``FORMATS`` tuple of more formats (imported on the first resolve; they import
+#: their optional packages only when a layer of theirs is probed)
+FORMAT_MODULES: tuple[str, ...] = ("block_scaled", "library_formats")
+
+
+@functools.cache
+def all_formats() -> tuple[type[WeightFormat], ...]:
+    """Every known format, probed in order; the first whose ``matches`` is true describes the layer. peft-quant's own
+    int format first, the float one last (other formats' layers may subclass ``nn.Linear``)."""
+    extra = tuple(cls for name in FORMAT_MODULES for cls in importlib.import_module(f".{name}", __package__).FORMATS)
+    return FORMATS[:1] + extra + FORMATS[1:]
 
 
 def _unsupported_reason(layer: nn.Module) -> str:
@@ -422,7 +435,7 @@ def _unsupported_reason(layer: nn.Module) -> str:
 
 def resolve_format(layer: nn.Module) -> WeightFormat:
     """The :class:`WeightFormat` of a base layer, or :class:`UnsupportedLayerError` naming what is supported."""
-    for fmt in FORMATS:
+    for fmt in all_formats():
         if fmt.matches(layer):
             return fmt(layer)
     raise UnsupportedLayerError(
