@@ -55,7 +55,21 @@ def _rotate_values(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         from . import qoft_triton
 
         return qoft_triton.rotate_forward(x, blocks)
-    return reference.rotate(x.to(blocks.dtype), blocks).to(x.dtype)
+    return _blockwise(x, blocks)
+
+
+def _blockwise(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """Each width block ``x_j`` of ``x`` (..., n·b) times ``mats[j]`` (``(n, b, b)``, or ``(1, b, b)`` shared), in
+    ``mats``' precision, returned in ``x``'s dtype; without autograd, the batched product written straight into the
+    output's layout (no transposed copy)."""
+    b = mats.shape[-1]
+    rows = x.to(mats.dtype).reshape(-1, b)  # (tokens·n, b)
+    if mats.shape[0] == 1:
+        return (rows @ mats[0]).reshape(x.shape).to(x.dtype)
+    n = mats.shape[0]
+    out = torch.empty_like(rows)
+    torch.bmm(rows.view(-1, n, b).transpose(0, 1), mats, out=out.view(-1, n, b).transpose(0, 1))  # (n, tokens, b)
+    return out.reshape(x.shape).to(x.dtype)
 
 
 def _rotate_grads(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tensor, need_x: bool, need_r: bool
@@ -70,7 +84,7 @@ def _rotate_grads(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tensor,
     g = grad_out.to(blocks.dtype).reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
     grad_x = grad_r = None
     if need_x:
-        grad_x = torch.matmul(g, blocks.transpose(-1, -2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
+        grad_x = _blockwise(grad_out, blocks.transpose(-1, -2)).reshape(x.shape)
     if need_r:
         xb = x.to(blocks.dtype).reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
         grad_r = torch.bmm(xb.transpose(-1, -2), g)  # (n, b, b)
@@ -81,27 +95,29 @@ def _rotate_grads(x: torch.Tensor, blocks: torch.Tensor, grad_out: torch.Tensor,
 class _Builder:
     """Builds one layer's rotation blocks from packed parameters and takes the gradient back to them, without autograd:
     the Triton builder and its backward where they cover the case, else the reference, whose skew-symmetric blocks
-    are formed once for both."""
+    and their powers are formed once for both."""
 
     def __init__(self, packed: torch.Tensor, block_size: int, num_terms: int) -> None:
         self.packed, self.block_size, self.num_terms = packed, block_size, num_terms
         self.triton = _covered(block_size, BUILD_MAX_BLOCK, packed) and use_triton(packed)
         self.q = None if self.triton else reference.skew_symmetric(packed.detach(), block_size)
+        self.powers = None
 
     def blocks(self) -> torch.Tensor:
         if self.triton:
             from . import qoft_triton
 
             return qoft_triton.build(self.packed, self.block_size, self.num_terms)
-        return reference.neumann(self.q, self.num_terms)
+        rotation, self.powers = reference.neumann(self.q, self.num_terms)
+        return rotation
 
     def backward(self, grad_blocks: torch.Tensor) -> torch.Tensor:
-        """The packed parameters' gradient from ``dL/dR``."""
+        """The packed parameters' gradient from ``dL/dR`` (after :meth:`blocks`, whose powers of ``Q`` it reuses)."""
         if self.triton:
             from . import qoft_triton
 
             return qoft_triton.build_backward(self.packed, grad_blocks, self.num_terms)
-        return reference.cayley_neumann_backward(self.q, grad_blocks.to(self.q.dtype), self.num_terms)
+        return reference.cayley_neumann_backward(self.q, grad_blocks.to(self.q.dtype), self.num_terms, self.powers)
 
 
 def _with_dropout(blocks: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -110,6 +110,33 @@ def test_bitsandbytes_forward_backward(tiny_llama_dir, variant):
     assert all(p.grad is None for n, p in model.named_parameters() if "qoft_" not in n)
 
 
+@pytest.mark.parametrize("variant", [None, "nf4"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, variant, reentrant):
+    """With transformers' gradient checkpointing the decoder layers (and the rotations inside them) are replayed in
+    backward: the rotation's own recomputation must compose with that replay and give the same gradients."""
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        base = load_llama(tiny_llama_dir, variant)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.enable_input_require_grads()  # the reentrant replay needs an input that requires grad
+        model = get_peft_model(base, QOFTConfig(block_size=16, target_modules="all-linear"))
+        randomize_adapter(model)
+        model.train()
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and len(plain) == 14  # 7 projections × 2 layers
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_block_share_and_num_blocks():
     net = nn.Sequential(nn.Linear(24, 3))
     model = get_peft_model(net, QOFTConfig(target_modules=["0"], num_blocks=3, block_share=True))

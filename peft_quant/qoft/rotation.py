@@ -15,6 +15,7 @@ saved adapter means and must bump that version.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -25,17 +26,20 @@ def num_packed(block_size: int) -> int:
 
 
 @functools.cache
-def _upper_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of the entries above the diagonal, in the packed order."""
-    return tuple(torch.triu_indices(block_size, block_size, 1, device=device))
+def _flat_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (into ``b·b``) of the entries above the diagonal, in the packed order, and of their mirror
+    images below it."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+    return rows * block_size + cols, cols * block_size + rows
 
 
 def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """``(n, b(b-1)/2)`` packed upper triangles → ``(n, b, b)`` skew-symmetric matrices."""
-    rows, cols = _upper_indices(block_size, packed.device)
-    upper = packed.new_zeros(packed.shape[0], block_size, block_size)
-    upper[:, rows, cols] = packed
-    return upper - upper.transpose(-1, -2)
+    upper, lower = _flat_indices(block_size, packed.device)
+    q = packed.new_zeros(packed.shape[0], block_size * block_size)  # (n, b·b)
+    q.index_copy_(1, upper, packed)
+    q.index_copy_(1, lower, -packed)
+    return q.view(-1, block_size, block_size)
 
 
 def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> torch.Tensor:
@@ -44,37 +48,43 @@ def cayley_neumann(packed: torch.Tensor, block_size: int, num_terms: int) -> tor
     Summed term by term from the powers of ``Q`` into one accumulator, so backward keeps only ``Q … Q^{k-2}``
     (``k - 2`` blocks of ``b × b``, as PEFT's OFT does), not one partial sum per term as Horner's scheme would.
     """
-    return neumann(skew_symmetric(packed, block_size), num_terms)
+    return neumann(skew_symmetric(packed, block_size), num_terms)[0]
 
 
-def neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
-    """``R = I + 2Q + … + 2Q^{k-2} + Q^{k-1}`` from skew-symmetric blocks ``q`` ``(n, b, b)``."""
-    block_size = q.shape[-1]
-    rotation = torch.eye(block_size, dtype=q.dtype, device=q.device).repeat(q.shape[0], 1, 1)
-    power = q
-    for i in range(1, num_terms):
-        if i > 1:
-            power = torch.bmm(power, q)  # Qⁱ
-        rotation.add_(power, alpha=1.0 if i == num_terms - 1 else 2.0)
-    return rotation
+def neumann(q: torch.Tensor, num_terms: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``R = I + 2Q + … + 2Q^{k-2} + Q^{k-1}`` from skew-symmetric blocks ``q`` ``(n, b, b)``, and the powers
+    ``[Q, Q², …, Q^{k-2}]`` it formed (what :func:`cayley_neumann_backward` needs)."""
+    if num_terms < 2:
+        raise ValueError(f"The Cayley–Neumann series needs num_terms >= 2, got {num_terms}.")
+    rotation = q.mul(1.0 if num_terms == 2 else 2.0)
+    rotation.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    powers = [q]
+    for i in range(2, num_terms):
+        powers.append(torch.bmm(powers[-1], q))  # Qⁱ
+        rotation.add_(powers[-1], alpha=1.0 if i == num_terms - 1 else 2.0)
+    return rotation, powers[: num_terms - 2]
 
 
-def cayley_neumann_backward(q: torch.Tensor, grad: torch.Tensor, num_terms: int) -> torch.Tensor:
+def cayley_neumann_backward(q: torch.Tensor, grad: torch.Tensor, num_terms: int,
+                            powers: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """The gradient of :func:`cayley_neumann` for its packed parameters, given the skew-symmetric blocks ``q`` they
-    form (:func:`skew_symmetric`) and ``grad = dL/dR`` ``(n, b, b)``, without autograd.
+    form (:func:`skew_symmetric`) and ``grad = dL/dR`` ``(n, b, b)``, without autograd. ``powers``: ``Q … Q^{k-2}``
+    as :func:`neumann` returns them (computed here when not given).
 
     With ``R = Σ cᵢ Qⁱ`` and ``A = Qᵀ = −Q``: ``dL/dQ = Σ_{i≥1} cᵢ Tᵢ`` where ``T₁ = G`` and
-    ``T_{i+1} = A Tᵢ + G Aⁱ``; the packed gradient is ``dL/dQ − (dL/dQ)ᵀ`` on the upper triangle (``Q = U − Uᵀ``).
+    ``T_{i+1} = A Tᵢ + G Aⁱ = (−1)ⁱ G Qⁱ − Q Tᵢ``; the packed gradient is ``dL/dQ − (dL/dQ)ᵀ`` on the upper triangle
+    (``Q = U − Uᵀ``).
     """
-    a = -q  # Qᵀ
-    term, power = grad, None
-    total = (1.0 if num_terms == 2 else 2.0) * term
-    for i in range(2, num_terms):
-        power = a if power is None else torch.bmm(power, a)  # A^{i-1}
-        term = torch.bmm(a, term) + torch.bmm(grad, power)
-        total = total + (1.0 if i == num_terms - 1 else 2.0) * term
-    rows, cols = _upper_indices(q.shape[-1], q.device)
-    return (total - total.transpose(-1, -2))[:, rows, cols]
+    if powers is None:
+        powers = neumann(q, num_terms)[1]
+    term = grad
+    total = grad.mul(1.0 if num_terms == 2 else 2.0)
+    for i in range(1, num_terms - 1):
+        term = torch.baddbmm(torch.bmm(grad, powers[i - 1]), q, term, beta=(-1.0) ** i, alpha=-1.0)  # T_{i+1}
+        total.add_(term, alpha=1.0 if i == num_terms - 2 else 2.0)
+    upper, lower = _flat_indices(q.shape[-1], q.device)
+    flat = total.reshape(total.shape[0], -1)  # (n, b·b)
+    return flat.index_select(1, upper) - flat.index_select(1, lower)
 
 
 def cayley_exact(packed: torch.Tensor, block_size: int) -> torch.Tensor:
