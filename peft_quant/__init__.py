@@ -8,7 +8,9 @@ from .registration import check_peft, install_push_to_hub, register
 
 check_peft()
 
+from .block_scaled import load_quantized, save_quantized  # noqa: E402
 from .config_base import AdapterFormatError  # noqa: E402
+from .experts import Mxfp4Experts, quantize_experts  # noqa: E402,F401
 from .pipelines import load_into_pipeline  # noqa: E402
 from .qoft import QOFTConfig, QOFTModel  # noqa: E402
 from .quant_formats import UnsupportedLayerError  # noqa: E402
@@ -42,7 +44,9 @@ __all__ = [
     "disable_stash",
     "enable_stash",
     "load_into_pipeline",
+    "load_quantized",
     "quantize_model",
+    "save_quantized",
     "stash_callback",
     "stash_packer",
 ]

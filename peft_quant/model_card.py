@@ -64,7 +64,7 @@ def _human_bytes(count: int) -> str:
 
 def _quantize_line(facts: dict) -> Optional[str]:
     """The ``quantize_model`` call that rebuilds the base layers, when they were quantized by peft-quant."""
-    formats = [f for f in facts["formats"] if f.backend in ("peft_quant", "bitsandbytes")]
+    formats = [f for f in facts["formats"] if f.backend in ("peft_quant", "peft_quant.experts", "bitsandbytes")]
     if not formats:
         return None
     bnb = [f for f in formats if f.backend == "bitsandbytes"]
@@ -72,7 +72,18 @@ def _quantize_line(facts: dict) -> Optional[str]:
         extra = f', quant_type="{bnb[0].scheme}"' if bnb[0].bits == 4 else ""
         extra += ", double_quant=True" if bnb[0].double_quant else ""
         return f'peft_quant.quantize_model(base, bits={bnb[0].bits}, backend="bitsandbytes"{extra})'
+    block_scaled = _block_scaled_backend(formats)
+    if block_scaled:
+        return f'peft_quant.quantize_model(base, backend="{block_scaled}")'
     return f'peft_quant.quantize_model(base, bits={formats[0].bits}, backend="int")'
+
+
+def _block_scaled_backend(formats: list) -> Optional[str]:
+    """``"fp8"``/``"mxfp4"`` when peft-quant's block-scaled layers (or MXFP4 expert banks) hold the base."""
+    for fmt in formats:
+        if fmt.backend.startswith("peft_quant") and fmt.scheme.split()[0] in ("fp8", "mxfp4"):
+            return fmt.scheme.split()[0]
+    return None
 
 
 def _load_base_snippet(facts: dict, base_model: str) -> str:
@@ -86,6 +97,15 @@ def _load_base_snippet(facts: dict, base_model: str) -> str:
         return "\n".join(lines + ([quantize + "  # the same quantization as for training"] if quantize else []))
     if not module.startswith("transformers"):
         return f"base = ...  # load the base {cls} '{base_model}' as it was quantized for training"
+    if any(f.backend == "peft_quant.experts" for f in facts["formats"]):  # gpt-oss: MXFP4 expert banks
+        return (f"from transformers import {cls}, Mxfp4Config\nimport peft_quant\n"
+                f"base = {cls}.from_pretrained(\"{base_model}\", quantization_config=Mxfp4Config(dequantize=True))\n"
+                'peft_quant.quantize_model(base, backend="mxfp4", target_modules=r".*experts")'
+                "  # the checkpoint's MXFP4 values again, bit for bit")
+    if _block_scaled_backend(facts["formats"]):
+        return (f"from transformers import {cls}\nimport peft_quant\n"
+                f"base = peft_quant.load_quantized({cls}, \"{base_model}\")  # an FP8/MXFP4 checkpoint, on any device\n"
+                f"# a float checkpoint instead: base = {cls}.from_pretrained(...); {_quantize_line(facts)}")
     if any(f.backend == "peft_quant" for f in facts["formats"]):
         return (f"from transformers import {cls}\nbase = {cls}.from_pretrained(\"{base_model}\")\n"
                 f"{_quantize_line(facts)}  # the same quantization as for training")

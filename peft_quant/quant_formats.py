@@ -35,7 +35,10 @@ from torch import nn
 SUPPORTED_LAYERS = (
     "torch.nn.Linear, torch.nn.Conv2d (plain float weights), peft-quant's IntLinear/IntConv2d "
     "(peft_quant.quantize_model), bitsandbytes Linear4bit (nf4/fp4, with or without double quantization), "
-    "bitsandbytes Linear8bitLt, and gptqmodel's GPTQ linear layers (GPTQ checkpoints loaded by transformers)"
+    "bitsandbytes Linear8bitLt, gptqmodel's GPTQ and AWQ linear layers, hqq's HQQLinear, nn.Linear with a torchao "
+    "weight-only weight or a compressed-tensors scheme, FP8 block-scaled layers (transformers' FP8Linear, "
+    "peft-quant's Fp8BlockLinear) and MXFP4 layers (peft-quant's Mxfp4Linear; gpt-oss expert banks through "
+    "peft_quant.experts)"
 )
 
 _EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "diffusers": "diffusers", "hqq": "hqq", "torchao": "torchao",
@@ -154,6 +157,11 @@ class WeightFormat:
         """Multiply each output channel ``o`` by ``factor[o]`` through the format's own scales, exactly and without
         re-quantizing; ``False`` (changing nothing) where the format has no such scales."""
         return False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output for ``x``, with a gradient w.r.t. ``x``: what input-side methods call. The layer's
+        own forward by default; formats whose base forward gives no (or a memory-costly) input gradient override it."""
+        return self.layer(x, *args, **kwargs)
 
     def check_input_grad(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Raise if the base forward dropped the gradient w.r.t. an input that needs one (an input-side adapter
@@ -385,9 +393,10 @@ class GptqFormat(WeightFormat):
     def matches(cls, layer: nn.Module) -> bool:
         if not type(layer).__module__.startswith("gptqmodel"):
             return False
-        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+        from gptqmodel.nn_modules import qlinear
 
-        return isinstance(layer, BaseQuantLinear)
+        awq = getattr(qlinear, "AWQuantLinear", ())  # AWQ layers share the base class; library_formats reads them
+        return isinstance(layer, qlinear.BaseQuantLinear) and not isinstance(layer, awq)
 
     def _facts(self) -> BaseFormat:
         layer = self.layer
@@ -427,8 +436,11 @@ def _unsupported_reason(layer: nn.Module) -> str:
     if isinstance(layer, (nn.Linear, nn.Conv2d)) and isinstance(weight, torch.Tensor):
         if type(weight) not in (nn.Parameter, torch.Tensor):
             kind = f"{type(weight).__module__}.{type(weight).__qualname__}"
-            return (f"its weight is a tensor subclass ({kind}, e.g. torchao's quantized weights), a format peft-quant "
-                    "does not read yet")
+            if type(weight).__module__.startswith("torchao"):
+                return (f"its weight is a torchao tensor subclass ({kind}) that peft-quant does not read: it reads "
+                        "torchao's weight-only weights (Int8Tensor, IntxUnpackedToInt8Tensor, Float8Tensor, Int4 "
+                        "tensors), not ones that also quantize activations (they change the layer's math)")
+            return f"its weight is a tensor subclass ({kind}), a format peft-quant does not read"
         return f"its weight has dtype {weight.dtype}, not a float dtype"
     return f"{type(layer).__module__}.{type(layer).__qualname__} is not a supported layer type"
 

@@ -1,7 +1,8 @@
 """``quantize_model``: swap a model's Linear and Conv2d layers for quantized ones, on CPU or GPU.
 
 diffusers' own bitsandbytes loading refuses to run without a GPU; this swaps layers of an already built model
-instead, into peft-quant's integer format (:mod:`peft_quant.int_quant`) or bitsandbytes' 4/8-bit layers.
+instead, into peft-quant's integer format (:mod:`peft_quant.int_quant`), bitsandbytes' 4/8-bit layers, or the Hub's
+block-scaled FP8 and MXFP4 formats (:mod:`peft_quant.block_scaled`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from typing import Iterable, Literal, Optional, Union
 import torch
 from torch import nn
 
+from .block_scaled import Fp8BlockLinear, Mxfp4Linear
+from .experts import Mxfp4Experts
 from .int_quant import IntConv2d, IntLinear
 from .quant_formats import require
 
 Names = Optional[Union[str, Iterable[str]]]
+_BLOCK_SCALED = {"fp8": Fp8BlockLinear, "mxfp4": Mxfp4Linear}
 
 
 def _matches(name: str, pattern: Names) -> bool:
@@ -58,8 +62,8 @@ def _bnb_linear(linear: nn.Linear, bits: int, quant_type: str, double_quant: boo
 
 def quantize_model(
     model: nn.Module,
-    bits: int = 4,
-    backend: Literal["int", "bitsandbytes"] = "int",
+    bits: Optional[int] = None,
+    backend: Literal["int", "bitsandbytes", "fp8", "mxfp4"] = "int",
     target_modules: Names = None,
     exclude_modules: Names = None,
     quant_type: Literal["nf4", "fp4"] = "nf4",
@@ -73,26 +77,42 @@ def quantize_model(
     format) and never the adapters' own trained modules.
 
     Args:
-        bits: 4 or 8.
+        bits: 4 or 8 (default 4) for ``"int"`` and ``"bitsandbytes"``; implied by ``"fp8"`` (8) and ``"mxfp4"`` (4).
         backend: ``"int"``: peft-quant's uniform per-output-channel format (asymmetric round-to-nearest, TuneQDM's
             and PEQA's base) for Linear and Conv2d. ``"bitsandbytes"``: ``Linear4bit`` (``quant_type``,
             ``double_quant``) or ``Linear8bitLt`` for Linear layers; bitsandbytes has no Conv2d, so Conv2d layers
             get peft-quant's integer format at the same bits.
+            ``"fp8"``: :class:`~peft_quant.block_scaled.Fp8BlockLinear`,
+            float8_e4m3fn weights with one float32 scale per 128×128 block (DeepSeek-V3/Qwen3-FP8 checkpoints' layout;
+            any width, edge blocks partially filled). ``"mxfp4"``: :class:`~peft_quant.block_scaled.Mxfp4Linear`, e2m1
+            values with one power-of-two scale per 32 inputs (gpt-oss' layout; input widths must be multiples of 32).
+            Both hold Linear layers only (as the Hub's checkpoints do): Conv2d layers stay float. ``"mxfp4"`` also
+            turns gpt-oss' float expert banks into :class:`~peft_quant.experts.Mxfp4Experts` (as gpt-oss ships
+            them). Save and load Linear layers with :func:`~peft_quant.block_scaled.save_quantized` /
+            :func:`~peft_quant.block_scaled.load_quantized`.
         target_modules: layers to quantize (a regex on the full name, or name suffixes); default every Linear and
             Conv2d.
         exclude_modules: layers to leave in float (same matching).
         compute_dtype: bitsandbytes 4-bit compute dtype (default: the weight's dtype).
     """
+    if backend not in ("int", "bitsandbytes", *_BLOCK_SCALED):
+        raise ValueError(f"quantize_model backend must be 'int', 'bitsandbytes', 'fp8' or 'mxfp4', got {backend!r}. "
+                         "Fix: pass one of those.")
+    implied = _BLOCK_SCALED[backend].bits if backend in _BLOCK_SCALED else None
+    if bits is not None and implied is not None and bits != implied:
+        raise ValueError(f"quantize_model backend={backend!r} stores {implied}-bit weights; got bits={bits!r}. "
+                         "Fix: leave bits out.")
+    bits = bits if bits is not None else implied or 4
     if bits not in (4, 8):
-        raise ValueError(f"quantize_model supports bits=4 or bits=8, got {bits!r}.")
-    if backend not in ("int", "bitsandbytes"):
-        raise ValueError(f"quantize_model backend must be 'int' or 'bitsandbytes', got {backend!r}.")
+        raise ValueError(f"quantize_model supports bits=4 or bits=8, got {bits!r}. Fix: pass bits=4 or bits=8.")
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quantize_model quant_type must be 'nf4' or 'fp4', got {quant_type!r}.")
     adapters = _adapter_prefixes(model)
     swaps = []
+    kinds = (nn.Linear,) if backend in _BLOCK_SCALED else (nn.Linear, nn.Conv2d)
+    banks = _float_expert_banks() if backend == "mxfp4" else ()
     for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, nn.Conv2d) or _inside(name, adapters):
+        if (type(module) not in kinds and type(module) not in banks) or _inside(name, adapters):
             continue
         if target_modules is not None and not _matches(name, target_modules):
             continue
@@ -101,12 +121,25 @@ def quantize_model(
         swaps.append((name, module))
     if not swaps:
         raise ValueError(
-            "quantize_model found no nn.Linear or nn.Conv2d layer to quantize"
+            f"quantize_model found no {'nn.Linear' if backend in _BLOCK_SCALED else 'nn.Linear or nn.Conv2d'} layer "
+            "to quantize"
             + (f" matching target_modules={target_modules!r}" if target_modules is not None else "")
             + ". Fix: check target_modules / exclude_modules against model.named_modules()."
         )
+    if backend == "mxfp4":  # refuse before swapping anything, naming every layer that cannot be held
+        narrow = [f"{name} ({width})" for name, module in swaps for width in _input_widths(module) if width % 32]
+        if narrow:
+            raise ValueError(
+                f"MXFP4 stores one scale per 32 input values; these layers' input widths are not multiples of "
+                f"32: {', '.join(narrow[:5])}{' ...' if len(narrow) > 5 else ''}. Fix: exclude_modules=[...] them, or "
+                "use backend='fp8'."
+            )
     for name, module in swaps:
-        if isinstance(module, nn.Conv2d):
+        if type(module) in banks:
+            new = Mxfp4Experts.from_float(module)
+        elif backend in _BLOCK_SCALED:
+            new = _BLOCK_SCALED[backend].from_linear(module)
+        elif isinstance(module, nn.Conv2d):
             new = IntConv2d(module, bits)
         elif backend == "bitsandbytes":
             new = _bnb_linear(module, bits, quant_type, double_quant, compute_dtype)
@@ -117,6 +150,21 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
+
+
+def _float_expert_banks() -> tuple[type, ...]:
+    """The float mixture-of-experts bank classes MXFP4 also holds (gpt-oss' ``GptOssExperts``, where loaded)."""
+    from .experts import gpt_oss_experts_class
+
+    bank = gpt_oss_experts_class()
+    return (bank,) if bank is not None else ()
+
+
+def _input_widths(module: nn.Module) -> tuple[int, ...]:
+    """The input widths a layer's weights are blocked along (a bank's two projections: hidden and intermediate)."""
+    if isinstance(module, nn.Linear):
+        return (module.in_features,)
+    return (module.hidden_size, module.intermediate_size)
 
 
 def _adapter_prefixes(model: nn.Module) -> tuple[str, ...]:

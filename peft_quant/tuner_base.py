@@ -171,7 +171,35 @@ class PeftQuantTuner(BaseTuner):
         if isinstance(child, self.tuner_layer_cls) and new_module is child.get_base_layer():
             setattr(parent, child_name, new_module)
             return
+        stored = next(child.buffers(), None)
+        if not hasattr(child, "weight") and next(child.parameters(), None) is None and stored is not None:
+            # a base holding only buffers (MXFP4 codes and scales, no bias): PEFT's version looks for a parameter to
+            # learn the device from and finds none
+            setattr(parent, child_name, new_module)
+            for name, module in new_module.named_modules():
+                if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                    module.to(stored.device)
+            return
         super()._replace_module(parent, child_name, new_module, child)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """PEFT's, after refusing ``bias`` settings that could not take effect: a targeted base whose bias is a plain
+        tensor or buffer (HQQ, gptqmodel's AWQ/GPTQ layers) is in no optimizer's parameters, so it would silently
+        stay as it is."""
+        for adapter in self.active_adapters:
+            if getattr(self.peft_config[adapter], "bias", "none") == "none":
+                continue
+            frozen = [name for name, layer in self._tuner_layers().items()
+                      if isinstance(getattr(layer.get_base_layer(), "bias", None), torch.Tensor)
+                      and not isinstance(layer.get_base_layer().bias, nn.Parameter)]
+            if frozen:
+                raise ValueError(
+                    f"bias={self.peft_config[adapter].bias!r} cannot train the biases of {', '.join(frozen[:3])}"
+                    f"{' ...' if len(frozen) > 3 else ''}: their base layers hold the bias as a plain tensor, not a "
+                    "parameter, so no optimizer would ever update it. Fix: bias='none', or make those biases "
+                    "parameters (layer.bias = nn.Parameter(layer.bias)) before get_peft_model."
+                )
+        super()._mark_only_adapters_as_trainable(model)
 
     def _tuner_layers(self) -> dict[str, nn.Module]:
         return {name: module for name, module in self.model.named_modules() if isinstance(module, self.tuner_layer_cls)}

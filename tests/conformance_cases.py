@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -35,7 +36,16 @@ FORMATS = {
     "bnb-nf4-dq": dict(bits=4, backend="bitsandbytes", quant_type="nf4", double_quant=True),
     "bnb-int8": dict(bits=8, backend="bitsandbytes"),
     "gptq": "gptq",
+    "fp8": dict(backend="fp8"),
+    "mxfp4": dict(backend="mxfp4"),
+    # other libraries' layers, built by LIBRARY_BUILDERS (below build_base)
+    "hqq-int4": "hqq",
+    "torchao-int8": "torchao",
+    "ct-int4": "compressed-tensors",
+    "awq-int4": "awq",
 }
+LIBRARY_FORMATS = ("hqq-int4", "torchao-int8", "ct-int4", "awq-int4")
+LIBRARY_PACKAGES = {"hqq": "hqq", "torchao": "torchao", "compressed-tensors": "compressed_tensors", "awq": "gptqmodel"}
 # what the model card and the merge report must call each format (independent of peft_quant.quant_formats)
 LABELS = {
     "float": "torch {dtype}",
@@ -46,6 +56,12 @@ LABELS = {
     "bnb-nf4-dq": "bitsandbytes nf4 (double-quant)",
     "bnb-int8": "bitsandbytes int8",
     "gptq": "gptq int4 (group size 32)",
+    "fp8": "peft_quant fp8 block 128x128",
+    "mxfp4": "peft_quant mxfp4 (group size 32)",
+    "hqq-int4": "hqq int4 (group size 32)",
+    "torchao-int8": "torchao int8",
+    "ct-int4": "compressed-tensors int4 (group size 32)",
+    "awq-int4": "awq int4 (group size 32)",
 }
 TARGETS = {"mlp": ("fc1", "fc2"), "conv": ("conv1", "conv2")}
 CONV_PADDING = {"conv1": 1, "conv2": 0}
@@ -89,12 +105,21 @@ class Case:
 
 def _cases() -> list[Case]:
     cases = []
-    mlp_cells = [(fmt, dt) for fmt in FORMATS if fmt != "gptq" for dt in ("fp32", "bf16")]
+    own = [fmt for fmt in FORMATS if fmt != "gptq" and fmt not in LIBRARY_FORMATS]
+    mlp_cells = [(fmt, dt) for fmt in own for dt in ("fp32", "bf16")]
     mlp_cells += [(fmt, "fp16") for fmt in ("float", "int4", "int8")]  # bitsandbytes' CPU kernels: fp32/bf16
     for method in METHODS:
         cases += [Case(method, fmt, dt) for fmt, dt in mlp_cells]
         cases += [Case(method, fmt, dt, "conv") for fmt in ("float", "int4", "int8") for dt in ("fp32", "bf16")]
     cases += [Case(method, "gptq", "fp32") for method in ("qoft", "timestep_scale")]  # slow base: two cells
+    cases += [Case("qoft", fmt, dt, stash=True) for fmt in ("fp8", "mxfp4") for dt in ("fp32", "bf16")]
+    # other libraries' layers: the input-side methods, QuantFull (from the dequantized base) and a stash composition
+    # (only where the library is installed: the lower-bound CI job has none of them)
+    installed = [fmt for fmt in LIBRARY_FORMATS if importlib.util.find_spec(LIBRARY_PACKAGES[FORMATS[fmt]])]
+    dtypes = {"awq-int4": "bf16"}  # gptqmodel's AWQ kernels compute in float16/bfloat16 only
+    cases += [Case(method, fmt, dtypes.get(fmt, "fp32")) for fmt in installed
+              for method in ("qoft", "timestep_scale", "quant_full")]
+    cases += [Case("qoft", fmt, dtypes.get(fmt, "fp32"), stash=True) for fmt in installed]
     cases += [Case(method, fmt, dt, stash=True) for method in ("qoft", "timestep_scale", "quant_full")
               for fmt in ("float", "int4", "bnb-nf4") for dt in ("fp32", "bf16")]
     return cases
@@ -180,12 +205,105 @@ def build_base(case: Case, gptq_dir: Optional[str] = None, wide: bool = False) -
         model.fc1, model.fc2 = copy.deepcopy(up), copy.deepcopy(down)
         if wide:  # only the tiny Llama's widths exist in GPTQ: swap the layers instead
             model.fc1, model.fc2 = model.fc2, model.fc1
+    elif isinstance(spec, str):
+        LIBRARY_BUILDERS[spec](model, case.targets)
     elif spec is not None:
         import peft_quant
 
         extra = dict(compute_dtype=case.torch_dtype) if spec["backend"] == "bitsandbytes" else {}
         peft_quant.quantize_model(model, **spec, **extra)
     return model.train()
+
+
+# ---- other libraries' layers, built with each library's own API (int4 groups of 32, int8 per row) ------------------
+
+
+def _hqq_layers(model: nn.Module, names: tuple[str, ...]) -> None:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    for name in names:
+        linear = getattr(model, name)
+        config = BaseQuantizeConfig(nbits=4, group_size=32, axis=1)
+        config["weight_quant_params"]["optimize"] = False  # round-to-nearest: HQQ's solver costs ~0.3 s per merge
+        with torch.no_grad():  # HQQLinear clones the bias: without no_grad, a non-leaf tensor tied to the float layer
+            layer = HQQLinear(linear, config, compute_dtype=linear.weight.dtype, device="cpu")
+        layer.bias = nn.Parameter(layer.bias)  # HQQ keeps a plain tensor; as a parameter, bias="qoft_only" trains it
+        setattr(model, name, layer)
+
+
+def _torchao_layers(model: nn.Module, names: tuple[str, ...]) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: fqn in names)
+
+
+def ct_calibrate(model: nn.Module, fmt: str, weights, inputs=None, compress: bool = True) -> None:
+    """Attach a compressed-tensors scheme (``weights``, and ``inputs`` activation arguments if given) to every Linear,
+    set min-max weight qparams (the frozen, fake-quantized state) and, with ``compress``, compress it as a checkpoint
+    holds it with compressed-tensors' own compressor; the model's first forward then decompresses it."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    groups = {"group": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)}
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups, format=fmt), show_progress=False)
+    for layer in model.modules():
+        if getattr(layer, "quantization_scheme", None) is None:
+            continue
+        weight = layer.weight.detach()
+        width = weights.group_size if weights.group_size else weight.shape[1]
+        blocks = weight.float().reshape(-1, width)  # (rows · groups, width)
+        scale, zero = calculate_qparams(blocks.amin(-1), blocks.amax(-1), weights)
+        layer.weight_scale.data.copy_(scale.reshape(layer.weight_scale.shape))
+        layer.weight_zero_point.data.copy_(zero.reshape(layer.weight_zero_point.shape))
+        layer.quantization_status = QuantizationStatus.FROZEN
+    if compress:
+        ModelCompressor.from_pretrained_model(model, quantization_format=fmt).compress_model(model)
+
+
+def _ct_layers(model: nn.Module, names: tuple[str, ...]) -> None:
+    """W4A16 pack-quantized (int4, symmetric, groups of 32), in the decompressed state a loaded model is in after its
+    first forward (the compressed state before it is tested in tests/test_library_formats.py)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    ct_calibrate(model, "pack-quantized", QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=32))
+    with torch.no_grad():
+        model(torch.zeros(1, model.fc1.in_features, dtype=model.fc1.weight_scale.dtype))
+
+
+def awq_layer(linear: nn.Linear, bits: int = 4, group: int = 32) -> nn.Module:
+    """gptqmodel's CPU AWQ layer (``AwqTorchLinear``) holding ``linear`` packed by its own ``pack``: asymmetric
+    min-max round-to-nearest per group (the float16/bfloat16 scales AWQ kernels take)."""
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    dtype = linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    layer = AwqTorchLinear(bits=bits, group_size=group, sym=False, desc_act=False, in_features=linear.in_features,
+                           out_features=linear.out_features, bias=linear.bias is not None, dtype=dtype)
+    top = 2**bits - 1
+    blocks = linear.weight.detach().float().reshape(linear.out_features, -1, group)  # (out, groups, group)
+    low, high = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+    scales = ((high - low) / top).clamp(min=1e-6).to(dtype)
+    with torch.no_grad():  # pack clones the bias: without no_grad, a non-leaf tensor tied to the float layer
+        layer.pack(linear, scales, torch.round(-low / scales.float()).clamp(0, top))
+    layer.post_init()
+    if layer.bias is not None:  # a buffer in gptqmodel; as a parameter, bias="qoft_only" trains it
+        bias = layer._buffers.pop("bias")
+        layer.bias = nn.Parameter(bias)
+    return layer
+
+
+def _awq_layers(model: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        setattr(model, name, awq_layer(getattr(model, name)))
+
+
+LIBRARY_BUILDERS = {"hqq": _hqq_layers, "torchao": _torchao_layers, "compressed-tensors": _ct_layers,
+                    "awq": _awq_layers}
 
 
 def inputs(case: Case, routing: str = "mixed") -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +379,9 @@ def dequantize_reference(layer: nn.Module, dtype: torch.dtype = torch.float32) -
 
     if isinstance(layer, IntQuantized):
         return layer.dequantize(dtype).to(torch.float64)
+    library = library_reference(layer, dtype)
+    if library is not None:
+        return library
     if type(layer) in (nn.Linear, nn.Conv2d):
         return layer.weight.detach().to(torch.float64)
     if type(layer).__module__.startswith("bitsandbytes"):
@@ -276,7 +397,54 @@ def dequantize_reference(layer: nn.Module, dtype: torch.dtype = torch.float32) -
         return weight.data.to(torch.float64) * scb.to(torch.float64)[:, None] / 127
     if type(layer).__module__.startswith("gptqmodel"):
         return layer.dequantize_weight().T.to(torch.float64)
+    if type(layer).__name__ in ("Fp8BlockLinear", "Mxfp4Linear"):  # decoded by the tests' own codec readers
+        from .test_block_scaled import reference_dequantize
+
+        return reference_dequantize(layer, dtype)
     raise TypeError(f"no reference dequantization for {type(layer)}")
+
+
+def _expand_blocks(values: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """Per-block values ``(rows / b0, cols / b1)`` repeated over each block's elements."""
+    return values.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+
+
+def library_reference(layer: nn.Module, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Other libraries' weights in float64 from their stored codes and scales (``None`` for other layers): torchao
+    ``(qdata - zero_point) · scale`` per block; HQQ's codes unpacked by its own bit unpacker, ``(W_q - zero) · scale``
+    in the compute dtype as its forward does; compressed-tensors' decompressed weight as stored (its compressed
+    state decompressed by its own compressor); AWQ's GEMM codes by gptqmodel's ``dequantize_gemm``."""
+    kind = type(layer).__module__.split(".")[0]
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and type(weight).__module__.startswith("torchao"):
+        block = list(weight.block_size)
+        zero = weight.zero_point.to(torch.float64) if getattr(weight, "zero_point", None) is not None else 0.0
+        zero = _expand_blocks(zero, block) if isinstance(zero, torch.Tensor) else zero
+        return (weight.qdata.to(torch.float64) - zero) * _expand_blocks(weight.scale.to(torch.float64), block)
+    if kind == "hqq":
+        from hqq.core.quantize import Quantizer
+
+        meta = layer.meta
+        codes = Quantizer.unpack[meta["packing"]](layer.W_q, dtype=layer.compute_dtype)
+        return ((codes - meta["zero"]) * meta["scale"]).reshape(meta["shape"]).to(torch.float64)
+    if getattr(layer, "quantization_scheme", None) is not None and isinstance(layer, nn.Linear):
+        status = str(layer.quantization_status.value)
+        if status == "decompressed":
+            return layer.weight.detach().to(torch.float64)
+        if status == "compressed":
+            from compressed_tensors.compressors import BaseCompressor
+            from compressed_tensors.utils import get_direct_state_dict
+
+            compressor = BaseCompressor.get_value_from_registry(layer.quantization_scheme.format)
+            state = compressor.decompress(get_direct_state_dict(layer), layer.quantization_scheme)
+            return state["weight"].to(torch.float64)
+        raise AssertionError(f"compressed-tensors state {status}: the matrix holds compressed or decompressed layers")
+    if kind == "gptqmodel" and hasattr(layer, "qzeros") and not hasattr(layer, "g_idx"):
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+        codes = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, layer.bits, layer.group_size)
+        return codes.T.to(torch.float64)
+    return None
 
 
 def quant_full_reference(layer: nn.Module, adapter: str = "default") -> torch.Tensor:

@@ -103,11 +103,20 @@ def forward(model, case: Case, routing: str = "mixed") -> torch.Tensor:
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
-    """Every tensor of the model (parameters, buffers, and quantization state such as bitsandbytes' absmax/SCB)."""
+    """Every tensor of the model (parameters, buffers, and quantization state such as bitsandbytes' absmax/SCB), tensor
+    subclasses (torchao's quantized weights) as the plain tensors inside them."""
     tensors = {f"param:{n}": p for n, p in model.named_parameters()}
     tensors.update({f"buffer:{n}": b for n, b in model.named_buffers()})
     tensors.update({f"state:{n}": t for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)})
-    return {n: t.detach().clone() for n, t in tensors.items()}
+    return {n: t.detach().clone() for name, tensor in tensors.items() for n, t in _plain(name, tensor)}
+
+
+def _plain(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        inner, meta = tensor.__tensor_flatten__()
+        return [(f"{name}<{type(tensor).__name__} {meta}>", torch.tensor(0))] + [
+            pair for part in inner for pair in _plain(f"{name}.{part}", getattr(tensor, part))]
+    return [(name, tensor)]
 
 
 # ---- 1. identity at init -------------------------------------------------------------------------------------------

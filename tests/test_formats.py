@@ -121,14 +121,6 @@ def test_unsupported_layers_say_why_and_name_the_fix():
         resolve_format(layer)
 
 
-def test_a_torchao_tensor_subclass_weight_is_named_as_such():
-    torchao = pytest.importorskip("torchao.quantization")
-    net = nn.Sequential(nn.Linear(64, 64))
-    torchao.quantize_(net, torchao.Int8WeightOnlyConfig())
-    with pytest.raises(UnsupportedLayerError, match="tensor subclass.*Fix"):
-        get_peft_model(net, peft_quant.QOFTConfig(target_modules=["0"], block_size=8))
-
-
 def test_quantize_model_on_a_root_layer_returns_the_quantized_layer():
     linear = nn.Linear(64, 32)
     quantized = peft_quant.quantize_model(linear, bits=4)

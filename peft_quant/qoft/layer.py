@@ -99,7 +99,7 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
             if name in self.qoft_Q:  # keeps only x and the packed parameters for backward (blocks rebuilt there)
                 x = qoft_kernels.rotate_input(x, self.qoft_Q[name], self.qoft_block_size[name],
                                               self.qoft_num_terms[name], self._dropout_keep(name), self._channel_dim)
-        out = self.base_layer(x, *args, **kwargs)
+        out = self.weight_format.forward(x, *args, **kwargs)
         self.weight_format.check_input_grad(x, out)
         return out
 

@@ -172,6 +172,15 @@ class PackedSave:
         return restored if self.stride is None else restored.as_strided(self.shape, self.stride)
 
 
+def _storage_pointers(tensor: torch.Tensor) -> list[int]:
+    """Data pointers of the storages behind a parameter: its own, or, for a wrapper tensor subclass (torchao's
+    quantized weights, which have no storage of their own), those of its inner tensors."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [ptr for name in names for ptr in _storage_pointers(getattr(tensor, name))]
+    return [tensor.untyped_storage().data_ptr()]
+
+
 def _dense(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s elements fill a storage region exactly, each once (any order of dimensions)."""
     expected = 1
@@ -236,7 +245,7 @@ class StashPacker:
         if not torch.is_grad_enabled():
             self._contexts.append(None)
             return
-        self._param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self._param_storages = {ptr for p in module.parameters() for ptr in _storage_pointers(p)}
         if not any(self._contexts):
             self._packed, self._largest = {}, 0
         context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -257,6 +266,7 @@ class StashPacker:
             or not tensor.is_floating_point()
             or tensor.numel() < self.min_numel
             or isinstance(tensor, nn.Parameter)
+            or type(tensor) is not torch.Tensor  # a tensor subclass (torchao's quantized weights): never packed
             or tensor.untyped_storage().data_ptr() in self._param_storages
         ):
             return tensor

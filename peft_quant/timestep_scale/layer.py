@@ -108,7 +108,7 @@ class TimestepScaleLayer(nn.Module, PeftQuantLayer):
             if name in self.ts_scale_in:
                 table = self.ts_scale_in[name]
                 x = scale_channels(x, table, self._experts(table, name, x), self._channel_dim)
-        out = self.base_layer(x, *args, **kwargs)
+        out = self.weight_format.forward(x, *args, **kwargs)
         self.weight_format.check_input_grad(x, out)
         bias = getattr(self.get_base_layer(), "bias", None)
         for name in active:  # out ⊙ s + b ⊙ (1 − s) = (out − b) ⊙ s + b: the frozen bias stays unscaled

@@ -7,9 +7,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ..experts_tuning import ExpertsDispatchMixin
 from ..quant_formats import UnsupportedLayerError, describe
 from ..tuner_base import PeftQuantTuner
 from .config import TimestepScaleConfig, exact_names_pattern
+from .experts_layer import TimestepScaleExpertsLayer
 from .layer import TimestepScaleLayer
 from .routing import TimestepRouter
 
@@ -23,12 +25,13 @@ def _default_multiplier(model: nn.Module) -> float:
     return 1000.0 if any(name in type(model).__name__ for name in _FRACTIONAL_TIMESTEPS) else 1.0
 
 
-class TimestepScaleModel(PeftQuantTuner):
+class TimestepScaleModel(ExpertsDispatchMixin, PeftQuantTuner):
     """Injects TimestepScale into a denoiser; created by ``peft.get_peft_model`` with a
     :class:`~peft_quant.TimestepScaleConfig`."""
 
     prefix: str = "ts_"
     tuner_layer_cls = TimestepScaleLayer
+    experts_layer_cls = TimestepScaleExpertsLayer  # for targeted mixture-of-experts banks (scales per expert)
     target_module_mapping: dict = {}
     method_name = "TimestepScale"
     fit_hint = "with the same target_modules, num_experts and scale settings"
