@@ -4,7 +4,9 @@
 (64 → 128 → 64; the cells of ``tests/distributed_worker.py``) it wraps the model in DDP or ``fully_shard``, takes
 one training step and counts, on each rank, the bytes of every parameter and buffer it holds (an FSDP2 DTensor: its
 local shard) and of every tensor of the optimizer state (likewise). One process, unwrapped, is the reference. Prints
-a table: bytes per rank and the ratio to one process. QuantFull under FSDP2 is refused by design (README).
+a table: bytes per rank and the ratio to one process. QuantFull under FSDP2 runs with its int8 state sharded by
+rows (``shard_quant_full`` before ``fully_shard``, the recipe of ``tests/distributed_worker.py``); a second table
+gives the bytes of its int8 weight state and int8 momentum alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.distributed_worker import CASES, _ddp, _fsdp, _optimizer
+from tests.distributed_worker import CASES, _ddp, _fsdp, _optimizer, quant_full_state_bytes
 
 WORLD = 2
 METHODS = ("qoft", "timestep_scale", "quant_full", "stash_quant", "qoft_stash")
@@ -33,8 +35,9 @@ def _nbytes(tensors) -> int:
     return sum(_local(t).numel() * _local(t).element_size() for t in tensors if torch.is_tensor(t))
 
 
-def measure(name: str, engine: str) -> tuple[int, int]:
-    """(weights and buffers, optimizer state) bytes this process holds after one step of case ``name``."""
+def measure(name: str, engine: str) -> tuple[int, int, int]:
+    """(weights and buffers, optimizer state, QuantFull's int8 weight state + momentum or 0) bytes this process
+    holds after one step of case ``name``."""
     from peft import get_peft_model
 
     from tests.conformance_cases import build_base, make_config
@@ -42,15 +45,14 @@ def measure(name: str, engine: str) -> tuple[int, int]:
     case, kind, _, overrides = CASES[name]
     torch.manual_seed(0)
     model = get_peft_model(build_base(case), make_config(case, **overrides))
-    optimizer = _optimizer(model, kind, 1) if kind == "quant_full" else None
     wrapped = {"ddp": _ddp, "fsdp": _fsdp, "single": lambda m: m}[engine](model)
-    optimizer = optimizer or _optimizer(model, kind, 1)
+    optimizer = _optimizer(model, kind, 1)  # after wrapping: FSDP2 replaces the parameters
     x = torch.randn(8 // (1 if engine == "single" else WORLD), 64)
     F.mse_loss(wrapped(x, timestep=torch.full((len(x),), 500.0)), torch.zeros_like(x)).backward()
     optimizer.step()
     weights = _nbytes(list(model.parameters()) + list(model.buffers()))
     state = _nbytes(value for entry in optimizer.state.values() for value in entry.values())
-    return weights, state
+    return weights, state, quant_full_state_bytes(model, optimizer) if kind == "quant_full" else 0
 
 
 def _rank(rank: int, port: int, queue) -> None:
@@ -60,8 +62,6 @@ def _rank(rank: int, port: int, queue) -> None:
     try:
         for engine in ("ddp", "fsdp"):
             for name in METHODS:
-                if engine == "fsdp" and name == "quant_full":
-                    continue  # refused by QuantFullOptimizer (tests/test_distributed.py)
                 queue.put((rank, engine, name, measure(name, engine)))
     finally:
         dist.destroy_process_group()
@@ -81,16 +81,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, {WORLD} processes, gloo, CPU; bytes per rank (rank 0 / rank 1)")
     print("| method | one process: weights + optimizer state | engine | rank 0 | rank 1 | rank 0 / one process |")
     print("|---|---|---|---|---|---|")
-    for name in METHODS:
-        single = measure(name, "single")
+    singles = {name: measure(name, "single") for name in METHODS}
+    for name, single in singles.items():
         for engine in ("ddp", "fsdp"):
-            if (0, engine, name) not in results:
-                print(f"| {name} | {single[0]:,} + {single[1]:,} | {engine} | refused | refused | - |")
-                continue
             r0, r1 = results[(0, engine, name)], results[(1, engine, name)]
             ratio = (r0[0] / single[0], r0[1] / single[1] if single[1] else float("nan"))
             print(f"| {name} | {single[0]:,} + {single[1]:,} | {engine} | {r0[0]:,} + {r0[1]:,} | "
                   f"{r1[0]:,} + {r1[1]:,} | {ratio[0]:.2f} weights, {ratio[1]:.2f} state |")
+    print("\nQuantFull's int8 weight state (codes, scales, outliers) + int8 momentum, bytes per rank")
+    print("| engine | one process | rank 0 | rank 1 | rank 0 / one process |")
+    print("|---|---|---|---|---|")
+    single = singles["quant_full"][2]
+    for engine in ("ddp", "fsdp"):
+        r0, r1 = results[(0, engine, "quant_full")][2], results[(1, engine, "quant_full")][2]
+        print(f"| {engine} | {single:,} | {r0:,} | {r1:,} | {r0 / single:.3f} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ The adapter (``adapter_config.json``, ``adapter_model.safetensors`` and a ``READ
 quantized the same way, the saved adapter loaded with ``peft_quant.load_into_pipeline``, and images are written as
 PNG files into ``--output_dir``. A JSON summary goes to stdout at the end. Runs on CPU; uses CUDA when available.
 
+Data parallel: ``torchrun --nproc_per_node 2 examples/dreambooth_timestep_scale.py ...`` (or ``accelerate launch``)
+runs one process per GPU (gloo over CPU processes without one). ``--train_batch_size`` is per process: every rank draws
+the whole global batch (images, noise, timesteps) from the same seeded generators and trains on its own share,
+DistributedDataParallel averages the gradients, so the ranks train what one process trains on the whole batch, each
+sample routed to its own timestep expert on its rank. Only the first process saves, validates and prints.
+
 Example::
 
     python examples/dreambooth_timestep_scale.py \\
@@ -24,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -78,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     train = parser.add_argument_group("training")
     train.add_argument("--train_batch_size", type=int, default=1,
-                       help="images per micro-batch (default: %(default)s)")
+                       help="images per micro-batch and process (default: %(default)s)")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="micro-batches whose gradients are averaged into each optimizer step "
                        "(default: %(default)s)")
@@ -153,6 +160,18 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator):
         yield torch.stack([dataset[i] for i in chosen])
 
 
+def encode_latents(vae, pixels: torch.Tensor, rows: slice, generator: torch.Generator) -> torch.Tensor:
+    """A sample of the VAE's latent distribution for ``pixels[rows]``: what ``latent_dist.sample(generator)`` gives
+    for the whole of ``pixels``, restricted to ``rows`` (the noise is drawn for all rows, only ``rows`` are encoded)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    posterior = vae.encode(pixels[rows]).latent_dist
+    shape = (pixels.shape[0], *posterior.mean.shape[1:])
+    draw = randn_tensor(shape, generator=generator, device=posterior.parameters.device,
+                        dtype=posterior.parameters.dtype)
+    return posterior.mean + posterior.std * draw[rows]
+
+
 def load_components(args: argparse.Namespace):
     """Tokenizer, text encoder, VAE, UNet and noise scheduler of the pipeline, in float32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -214,9 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     from diffusers.utils import logging as diffusers_logging
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict
+    from torch.nn.parallel import DistributedDataParallel
     from transformers.utils import logging as transformers_logging
 
+    import data_parallel
     import peft_quant
     from peft_quant.timestep_scale import TimestepScaleLayer
 
@@ -224,7 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = data_parallel.local_device(args.device)
+    created_group = data_parallel.join_process_group(device)
+    world, main_process = data_parallel.world_size(), data_parallel.rank() == 0
+    global_batch = args.train_batch_size * world
+    rows = data_parallel.local_rows(global_batch)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -257,27 +282,29 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
 
     dataset = DreamBoothDataset(args.instance_data_dir, args.resolution, args.center_crop, args.random_flip)
-    stream = batches(dataset, args.train_batch_size, torch.Generator().manual_seed(args.seed))
+    stream = batches(dataset, global_batch, torch.Generator().manual_seed(args.seed))
     noise_generator = torch.Generator(device=device).manual_seed(args.seed)
     scaling_factor = vae.config.scaling_factor
     shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
     prediction_type = noise_scheduler.config.prediction_type
 
     model.train()
+    trained = DistributedDataParallel(model) if world > 1 else model  # averages the gradients over the ranks
     losses: list[float] = []
     start = time.perf_counter()
-    progress = tqdm(range(args.max_train_steps), desc="Steps", unit="step")
+    progress = tqdm(range(args.max_train_steps), desc="Steps", unit="step", disable=not main_process)
     for _ in progress:
-        step_loss = 0.0
-        for _ in range(args.gradient_accumulation_steps):
-            pixels = next(stream).to(device)
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for micro_step in range(args.gradient_accumulation_steps):
+            pixels = next(stream).to(device)  # the global batch: each rank encodes and trains its own rows
             with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample(generator=noise_generator)
+                latents = encode_latents(vae, pixels, rows, noise_generator)
                 latents = (latents - shift_factor) * scaling_factor
-            noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+            noise = torch.randn((global_batch, *latents.shape[1:]), generator=noise_generator, device=device)[rows]
             bsz = latents.shape[0]
             # One timestep per sample: the batch may span several experts, each sample uses its own scales.
-            timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=noise_generator, device=device)
+            timesteps = torch.randint(0, num_train_timesteps, (global_batch,), generator=noise_generator,
+                                      device=device)[rows]
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
             if prediction_type == "epsilon":
                 target = noise
@@ -285,12 +312,17 @@ def main(argv: list[str] | None = None) -> dict:
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
                 raise ValueError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
-            model_pred = model(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds.expand(bsz, -1, -1)).sample
-            loss = F.mse_loss(model_pred.float(), target.float()) / args.gradient_accumulation_steps
-            loss.backward()
-            step_loss += loss.item()
+            last_micro_step = micro_step == args.gradient_accumulation_steps - 1
+            # DDP averages the gradients once per optimizer step, in the backward of its last micro-batch
+            with trained.no_sync() if world > 1 and not last_micro_step else contextlib.nullcontext():
+                model_pred = trained(noisy_latents, timesteps,
+                                     encoder_hidden_states=prompt_embeds.expand(bsz, -1, -1)).sample
+                loss = F.mse_loss(model_pred.float(), target.float()) / args.gradient_accumulation_steps
+                loss.backward()
+            step_loss += loss.detach().double()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_loss = data_parallel.mean_over_ranks(step_loss).item()  # the global batch's loss, on every rank
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"The loss became {step_loss} at step {len(losses) + 1}; lower --learning_rate.")
         losses.append(step_loss)
@@ -298,10 +330,15 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     train_seconds = time.perf_counter() - start
 
+    ranks = data_parallel.ranks_report(get_peft_model_state_dict(model, save_embedding_layers=False))
+    if created_group:
+        torch.distributed.destroy_process_group()
+    if not main_process:
+        return ranks
     # adapter_config.json, adapter_model.safetensors and the README.md card (no embedding layer is ever adapted)
     model.save_pretrained(args.output_dir, save_embedding_layers=False)
     adapter_file = os.path.join(args.output_dir, "adapter_model.safetensors")
-    del model, unet, optimizer, vae
+    del trained, model, unet, optimizer, vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -314,13 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_parameters": num_trainable,
         "adapter_bytes": os.path.getsize(adapter_file),
         "steps": args.max_train_steps,
-        "images_per_step": args.train_batch_size * args.gradient_accumulation_steps,
+        "images_per_step": global_batch * args.gradient_accumulation_steps,
         "final_loss": round(losses[-1], 6),
         "mean_loss_last_10_steps": round(sum(tail) / len(tail), 6),
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
         "output_dir": args.output_dir,
         "validation_images": validation,
+        **ranks,
     }
     print(json.dumps(summary, indent=2), flush=True)
     return summary

@@ -6,8 +6,14 @@ adapter directory can be reloaded like any PEFT adapter; ``--model_name_or_path`
 ``--load_in_4bit`` loads that base in bitsandbytes NF4 first: QuantFull dequantizes each 4-bit layer once into its
 int8 training state and releases the 4-bit weight. The text is English sentences from the Python standard library's
 docstrings, tokenized by a small byte-level BPE trained on them here (saved with the adapter: its ids are not
-reproducible across processes). The optimizer is passed to the Trainer as documented,
-``optimizers=(QuantFullOptimizer(model, lr=...), None)``; the Trainer's LR schedule drives the fused int8 step.
+reproducible across processes: the first process trains it, the others load it). The optimizer is passed to the
+Trainer as documented, ``optimizers=(QuantFullOptimizer(model, lr=...), None)``; the Trainer's LR schedule drives the
+fused int8 step.
+
+Data parallel: ``torchrun --nproc_per_node 2 examples/quant_full_trainer.py`` or ``accelerate launch --config_file
+examples/accelerate_ddp.yaml examples/quant_full_trainer.py``; the Trainer wraps the model in DistributedDataParallel
+(gloo on CPU), ``--per_device_train_batch_size`` is per process, and ``QuantFullOptimizer`` averages each layer's
+weight gradient over the ranks before its int8 step. Only the first process evaluates, checks the reload and prints.
 
 Prints a JSON summary: tuned parameters, bytes of int8 training state per tuned parameter (counted from the
 tensors), first/last training loss, held-out loss before/after, adapter bytes on disk, time, and whether the saved
@@ -86,26 +92,35 @@ def load_base(path: str, load_in_4bit: bool):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant)
 
 
-def prepare_base_and_tokenizer(args, sentences: list[str]):
-    """(base directory, tokenizer): the given checkpoint, or a tiny Llama built from a config and saved."""
+def prepare_base_and_tokenizer(args, sentences: list[str], first_process: bool = True):
+    """(base directory, tokenizer): the given checkpoint, or a tiny Llama built from a config and saved.
+
+    A tokenizer trained here is not reproducible across processes: only the first process trains (and saves) it and
+    builds the base; the others (``first_process=False``, called after it finished) load what it saved."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from offline_text import train_tokenizer
 
+    trained_tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
     if args.model_name_or_path:
         path = args.model_name_or_path
         try:
             return path, AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError):
+            if not first_process:
+                return path, AutoTokenizer.from_pretrained(trained_tokenizer_dir)
             vocab = AutoConfig.from_pretrained(path).vocab_size
             tokenizer = train_tokenizer(sentences, vocab_size=vocab)
             if len(tokenizer) > vocab:
                 raise SystemExit(f"The checkpoint has no tokenizer and a vocabulary of {vocab} < {len(tokenizer)}, "
                                  "too small for a byte-level BPE. Fix: save a tokenizer with the checkpoint.")
+            tokenizer.save_pretrained(trained_tokenizer_dir)
             return path, tokenizer
-    tokenizer = train_tokenizer(sentences, vocab_size=args.vocab_size)
     path = os.path.join(args.output_dir, "base_model")
+    if not first_process:
+        return path, AutoTokenizer.from_pretrained(path)
+    tokenizer = train_tokenizer(sentences, vocab_size=args.vocab_size)
     torch.manual_seed(args.seed)
     config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
@@ -211,10 +226,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)  # before the heavy imports: --help answers at once
 
     import torch
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    import data_parallel
     import peft_quant
     from offline_text import stdlib_sentences
 
@@ -224,9 +240,31 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # transformers, internal
     os.makedirs(args.output_dir, exist_ok=True)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps,
+        logging_steps=1,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=data_parallel.trainer_ddp_backend(),  # gloo when torchrun/accelerate start CPU processes
+        ddp_broadcast_buffers=False,  # the int8 codes are buffers, the same on every rank: no need to resend them
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     sentences = stdlib_sentences(seed=args.seed)
     held_out_text, train_text = sentences[:HELD_OUT_SENTENCES], sentences[HELD_OUT_SENTENCES:]
-    base_path, tokenizer = prepare_base_and_tokenizer(args, train_text)
+    with training_args.main_process_first(local=False, desc="tokenizer and base model"):
+        base_path, tokenizer = prepare_base_and_tokenizer(args, train_text, training_args.process_index == 0)
     train_rows = blocks(tokenizer, train_text, args.block_size)
     per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps
     if len(train_rows) < per_update:
@@ -244,29 +282,10 @@ def main(argv=None) -> None:
     float_trainable = sum(p.numel() for g in optimizer.param_groups[1:] for p in g["params"])
     held_out_before = mean_loss(model, held_out)
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type="linear",
-        warmup_steps=args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps,
-        logging_steps=1,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        use_cpu=not torch.cuda.is_available(),
-        report_to=[],
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-
     class PrintLoss(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and (state.global_step == 1 or state.global_step % args.logging_steps == 0):
+            if state.is_world_process_zero and logs and "loss" in logs and (
+                    state.global_step == 1 or state.global_step % args.logging_steps == 0):
                 print(f"step {state.global_step:5d}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3g}",
                       flush=True)
 
@@ -278,6 +297,9 @@ def main(argv=None) -> None:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     train_seconds = time.perf_counter() - start
     trainer.save_model(args.output_dir)  # adapter (int8 codes, scales, outliers) + tokenizer + card
+    ranks = data_parallel.ranks_report(get_peft_model_state_dict(model))
+    if not trainer.is_world_process_zero():
+        return
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     state = int8_state_bytes(model, optimizer)
@@ -312,6 +334,7 @@ def main(argv=None) -> None:
         "adapter_dir": args.output_dir,
         "train_seconds": round(train_seconds, 2),
         "reloaded_logits_identical": identical,
+        **ranks,
     }, indent=2))
 
 

@@ -7,6 +7,12 @@ by a small byte-level BPE trained on them here. The stash is compressed with
 ``peft_quant.enable_stash(model, bits=..., milestones=...)`` and the schedule advanced by
 ``callbacks=[peft_quant.stash_callback()]``; a second small callback reads the packer's counters every step.
 
+Data parallel: ``torchrun --nproc_per_node 2 examples/stash_trainer.py`` or ``accelerate launch --config_file
+examples/accelerate_ddp.yaml examples/stash_trainer.py``; the Trainer wraps the model in DistributedDataParallel (gloo
+on CPU), ``--per_device_train_batch_size`` is per process, and each rank packs the activations of its own share of
+the batch. The first process trains the tokenizer (its training is not reproducible across processes) and saves it
+for the others; only the first process evaluates and prints.
+
 Prints a JSON summary: the stash bits at the first and last step (and where they changed), the bytes held for
 backward per optimizer step as the packer counts them (float originals vs block-floating-point stored) at the
 first and last step and over the run, the first/last training loss, the held-out loss before/after, and time.
@@ -68,8 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- model, tokenizer, data ---------------------------------------------------------------------------------------
 
 
-def load_base_and_tokenizer(args, sentences: list[str]):
-    """The given checkpoint with its tokenizer, or a tiny Llama built from a config with a BPE trained here."""
+def load_base_and_tokenizer(args, sentences: list[str], first_process: bool = True):
+    """The given checkpoint with its tokenizer, or a tiny Llama built from a config with a BPE trained here (by the
+    first process, which saves it to ``--output_dir``; the others, called after it finished, load it from there)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -84,7 +91,11 @@ def load_base_and_tokenizer(args, sentences: list[str]):
         if tokenizer.eos_token_id is None:
             raise SystemExit("The checkpoint's tokenizer has no eos token, needed to join sentences.")
         return model, tokenizer
-    tokenizer = train_tokenizer(sentences, vocab_size=args.vocab_size)
+    if first_process:
+        tokenizer = train_tokenizer(sentences, vocab_size=args.vocab_size)
+        tokenizer.save_pretrained(args.output_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
     torch.manual_seed(args.seed)
     config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
@@ -136,10 +147,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)  # before the heavy imports: --help answers at once
 
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    import data_parallel
     import peft_quant
     from offline_text import stdlib_sentences
 
@@ -148,9 +160,28 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=args.max_steps // 10,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=data_parallel.trainer_ddp_backend(),  # gloo when torchrun/accelerate start CPU processes
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     sentences = stdlib_sentences(seed=args.seed)
     held_out_text, train_text = sentences[:HELD_OUT_SENTENCES], sentences[HELD_OUT_SENTENCES:]
-    base, tokenizer = load_base_and_tokenizer(args, train_text)
+    with training_args.main_process_first(local=False, desc="tokenizer"):
+        base, tokenizer = load_base_and_tokenizer(args, train_text, training_args.process_index == 0)
     train_rows = blocks(tokenizer, train_text, args.block_size)
     held_out = blocks(tokenizer, held_out_text, args.block_size)
 
@@ -164,24 +195,6 @@ def main(argv=None) -> None:
         block_size=args.stash_block_size, min_numel=args.stash_min_numel,
     )
     held_out_before = mean_loss(model, held_out)
-
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=args.max_steps // 10,
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-        report_to=[],
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
 
     per_step: list[dict] = []
 
@@ -198,7 +211,8 @@ def main(argv=None) -> None:
 
     class PrintLoss(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and (state.global_step == 1 or state.global_step % args.logging_steps == 0):
+            if state.is_world_process_zero and logs and "loss" in logs and (
+                    state.global_step == 1 or state.global_step % args.logging_steps == 0):
                 print(f"step {state.global_step:5d}  loss {logs['loss']:.4f}  stash bits {per_step[-1]['bits']}",
                       flush=True)
 
@@ -210,6 +224,9 @@ def main(argv=None) -> None:
     trainer.train()
     train_seconds = time.perf_counter() - start
     trainer.save_model(args.output_dir)  # PEFT's LoRA adapter + tokenizer
+    ranks = data_parallel.ranks_report(get_peft_model_state_dict(model))
+    if not trainer.is_world_process_zero():
+        return
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     held_out_after = mean_loss(model, held_out)
@@ -227,7 +244,8 @@ def main(argv=None) -> None:
         "base": args.model_name_or_path or "tiny Llama from a config (random weights)",
         "lora_trainable_parameters": trainable,
         "steps": trainer.state.global_step,
-        "sequences_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "sequences_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * training_args.world_size,
         "tokens_per_sequence": args.block_size,
         "stash": {
             "bits_start": per_step[0]["bits"], "bits_end": per_step[-1]["bits"],
@@ -247,6 +265,7 @@ def main(argv=None) -> None:
                           "uniform": round(math.log(len(tokenizer)), 4)},
         "adapter_dir": args.output_dir,
         "train_seconds": round(train_seconds, 2),
+        **ranks,
     }, indent=2))
 
 

@@ -7,7 +7,9 @@ conformance MLP (float base, biases trained by float Lion) without and with grad
 ``no_sync`` on the first micro-step), QOFT on int4 layers, TimestepScale on int8 layers with mixed timesteps,
 StashQuant alone (float layers trained fully, 4-bit stash), QOFT on int4 layers with ``stash={"bits": 4}``, and
 QOFT (DDP and FSDP2) and TimestepScale (FSDP2) on bitsandbytes nf4 layers, FSDP2 with the 4-bit weights left out of
-the sharding (``ignored_params=fsdp_ignored_params(model)``); a plain ``fully_shard`` of them is refused.
+the sharding (``ignored_params=fsdp_ignored_params(model)``); a plain ``fully_shard`` of them is refused. Under FSDP2
+QuantFull runs with its int8 state sharded by rows (``shard_quant_full`` before ``fully_shard``), and each way of
+setting that up wrongly is refused (``distributed_worker.QUANT_FULL_REFUSALS``).
 The stash cases also train one process on the two ranks' half-batches in turn, accumulating: that reference packs
 exactly the blocks each rank packs, and the ranks must equal it bit for bit.
 """
@@ -28,7 +30,7 @@ from peft_quant import QuantFullConfig, QuantFullOptimizer
 
 from .conformance_cases import Case, build_base
 from .distributed_trainer_worker import CPU_DDP_RESUME, MAX_STEPS, SAVE_STEPS
-from .distributed_worker import CASES, ENGINE_CASES, NF4_CASES, STASH_CASES, STEPS
+from .distributed_worker import CASES, ENGINE_CASES, NF4_CASES, QUANT_FULL_REFUSALS, STASH_CASES, STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 240  # seconds: a rank stuck in a collective fails the test (each collective also times out at 60 s)
@@ -142,25 +144,53 @@ def test_stash_cases_equal_one_process_on_the_same_half_batches(engine_run):
             assert torch.equal(rank0["state"][key], value), f"{engine} {name}: {key} differs from one process"
 
 
-def test_quant_full_ddp_state_matches_one_process(ddp_run):
-    """The int8 codes and momentum of every layer, against one process; and the steps were really taken."""
-    _, out = ddp_run
+def _assert_quant_full_state_matches(state: dict, single: dict, name: str, steps: int = STEPS) -> None:
+    """Every QuantFull layer's int8 codes and momentum against one process's, after ``steps`` int8 steps."""
+    layers = [key[: -len(".codes")] for key in state if key.endswith(".codes")]
+    assert len(layers) == 2
+    for layer in layers:
+        assert state[f"{layer}.step"].item() == single[f"{layer}.step"].item() == steps, f"{name} {layer}"
+        assert state[f"{layer}.momentum_absmax"].min() > 0  # gradients reached every momentum block
+        codes, reference = state[f"{layer}.codes"], single[f"{layer}.codes"]
+        mismatch = (codes != reference).float().mean().item()
+        assert mismatch <= MAX_CODE_MISMATCH, f"{name} {layer}: {mismatch:.2%} of the int8 codes differ"
+        assert (codes.int() - reference.int()).abs().max() <= 2  # one Lion step is at most ~1-2 codes here
+        moved = (state[f"{layer}.momentum_codes"] != single[f"{layer}.momentum_codes"]).float().mean().item()
+        assert moved <= MAX_CODE_MISMATCH, f"{name} {layer}: {moved:.2%} of the momentum codes differ"
+        error = _relative(state[f"{layer}.momentum_absmax"], single[f"{layer}.momentum_absmax"])
+        assert error < LOGIT_RTOL, f"{name} {layer}: momentum scales differ by {error:.2e}"
+        assert torch.equal(state[f"{layer}.outlier_value"], single[f"{layer}.outlier_value"]), f"{name} {layer}"
+
+
+def test_quant_full_state_matches_one_process(engine_run):
+    """The int8 codes, outliers and momentum of every layer (FSDP2: gathered from the ranks' row shards), against
+    one process; and the steps were really taken (accumulation over 2 micro-steps still takes one per step)."""
+    _, out = engine_run
     for name in ("quant_full", "quant_full_accum"):
-        state, single = _load(out, name, "rank0")["state"], _load(out, name, "single")["state"]
-        layers = [key[: -len(".codes")] for key in state if key.endswith(".codes")]
-        assert len(layers) == 2
-        for layer in layers:
-            # accumulation over 2 micro-steps still takes one int8 step per optimizer step
-            assert state[f"{layer}.step"].item() == single[f"{layer}.step"].item() == STEPS
-            assert state[f"{layer}.momentum_absmax"].min() > 0  # gradients reached every momentum block
-            codes, reference = state[f"{layer}.codes"], single[f"{layer}.codes"]
-            mismatch = (codes != reference).float().mean().item()
-            assert mismatch <= MAX_CODE_MISMATCH, f"{name} {layer}: {mismatch:.2%} of the int8 codes differ"
-            assert (codes.int() - reference.int()).abs().max() <= 2  # one Lion step is at most ~1-2 codes here
-            moved = (state[f"{layer}.momentum_codes"] != single[f"{layer}.momentum_codes"]).float().mean().item()
-            assert moved <= MAX_CODE_MISMATCH, f"{name} {layer}: {moved:.2%} of the momentum codes differ"
-            error = _relative(state[f"{layer}.momentum_absmax"], single[f"{layer}.momentum_absmax"])
-            assert error < LOGIT_RTOL, f"{name} {layer}: momentum scales differ by {error:.2e}"
+        _assert_quant_full_state_matches(_load(out, name, "rank0")["state"], _load(out, name, "single")["state"], name)
+
+
+def test_quant_full_fsdp_equals_ddp(ddp_run, fsdp_run):
+    """The row-sharded FSDP2 run and the replicated DDP run of the same cases end with the same model."""
+    for name in ("quant_full", "quant_full_accum"):
+        ddp, fsdp = _load(ddp_run[1], name, "rank0"), _load(fsdp_run[1], name, "rank0")
+        error = _relative(fsdp["logits"], ddp["logits"])
+        assert error < LOGIT_RTOL, f"{name}: FSDP2 and DDP logits differ by {error:.2e} (relative)"
+        for key, value in ddp["state"].items():
+            if not key.endswith(("momentum_absmax", "momentum_codes")):  # float32 summation order may differ
+                assert torch.equal(fsdp["state"][key], value), f"{name}: FSDP2 and DDP end with different {key}"
+
+
+def test_quant_full_fsdp_non_finite_gradient_is_skipped_on_every_rank(fsdp_run):
+    """A NaN target in rank 1's half makes only some rows of fc2's weight gradient NaN, and so only one rank's row
+    shard and one rank's shard of fc2's bias: every rank still skips the whole update of both layers and of both
+    biases at that step, as one process does (2 int8 layers + 2 biases), and ends where one process ends."""
+    _, out = fsdp_run
+    rank0, rank1, single = (_load(out, "quant_full_nan", who) for who in ("rank0", "rank1", "single"))
+    assert rank0["skipped"] == rank1["skipped"] == single["skipped"] == 4
+    _assert_quant_full_state_matches(rank0["state"], single["state"], "quant_full_nan", steps=STEPS - 1)
+    for key in ("base_model.model.fc1.qf_bias.default", "base_model.model.fc2.qf_bias.default"):
+        assert torch.equal(rank0["state"][key], single["state"][key]), key
 
 
 def test_adapters_trained_away_from_identity(engine_run):
@@ -180,14 +210,39 @@ def test_adapters_trained_away_from_identity(engine_run):
         assert not torch.allclose(value, base[f"{layer}.{field}"]), f"{engine} StashQuant did not train {key}"
 
 
-def test_quant_full_fsdp_is_refused(fsdp_run):
+def test_quant_full_fsdp_state_per_rank_is_half(ddp_run, fsdp_run):
+    """Bytes of the int8 weight state (codes, scales, outliers) and int8 momentum each rank holds: DDP keeps the
+    whole on each rank; FSDP2 with shard_quant_full splits it, the two ranks' parts adding up to one process's."""
+    for name in ("quant_full", "quant_full_accum"):
+        single = _load(ddp_run[1], name, "single")["state_bytes"]
+        assert all(_load(ddp_run[1], name, rank)["state_bytes"] == single for rank in ("rank0", "rank1"))
+        parts = [_load(fsdp_run[1], name, rank)["state_bytes"] for rank in ("rank0", "rank1")]
+        assert sum(parts) == single, (parts, single)  # nothing kept twice, nothing lost
+        assert max(parts) <= 0.52 * single, (parts, single)  # only the outliers split unevenly
+
+
+def test_quant_full_fsdp_shard_is_never_saved_as_the_whole(fsdp_run):
+    """A sharded layer's state_dict would be a part of the weight under the whole weight's keys: refused, naming
+    the gather; the states compared above were gathered back by unshard_quant_full, after which saving works."""
     _, out = fsdp_run
-    for when, error_type in (("after", "ValueError"), ("before", "RuntimeError")):
+    for rank in ("rank0", "rank1"):
+        result = _load(out, "quant_full", rank)
+        error = result["save_error"]
+        assert error is not None and error.startswith("RuntimeError"), error
+        assert "unshard_quant_full(model, optimizer)" in error and "Fix:" in error, error
+        assert result["save_error_after_gather"] is None, result["save_error_after_gather"]
+
+
+def test_quant_full_fsdp_misuse_is_refused(fsdp_run):
+    """Ragged rows, fully_shard without shard_quant_full, a mixed precision policy, sharded anchors (optimizer
+    created after or before fully_shard), an optimizer created before fully_shard, and row-sharded layers under DDP:
+    each raises naming its fix."""
+    _, out = fsdp_run
+    for name, (error_type, fix) in QUANT_FULL_REFUSALS.items():
         for rank in ("rank0", "rank1"):
-            error = _load(out, f"quant_full_optimizer_{when}_shard", rank)["error"]
-            assert error is not None, f"QuantFull trained under FSDP2 (optimizer created {when} fully_shard)"
-            assert error.startswith(error_type), error
-            assert "DistributedDataParallel" in error and "Fix:" in error, error
+            error = _load(out, name, rank)["error"]
+            assert error is not None, f"{name}: QuantFull trained under FSDP2 set up wrongly"
+            assert error.startswith(error_type) and "Fix:" in error and fix in error, f"{name}: {error}"
 
 
 def test_nf4_cases_ran_where_expected():
@@ -236,6 +291,44 @@ def test_replaced_anchor_is_refused_at_backward():
     layer = model.base_model.model[0]
     codes = layer.qf_codes["default"].clone()
     layer.qf_anchor["default"] = nn.Parameter(torch.zeros(1))
-    with pytest.raises(RuntimeError, match=r"replaced after QuantFullOptimizer was created.*Fix: use Distributed"):
+    with pytest.raises(RuntimeError, match=r"replaced after QuantFullOptimizer was created.*Fix: under FSDP2, .*"
+                       r"shard_quant_full.*otherwise use DistributedDataParallel"):
         model(torch.randn(4, 16)).sum().backward()
     assert torch.equal(layer.qf_codes["default"], codes)
+
+
+def test_row_shards_step_exactly_as_the_whole_weight():
+    """Lion on each row shard (its rows of the gradient, outliers counted from its first row, ``rows=(first,
+    total)``) ends bit for bit where Lion on the whole weight does, stochastic rounding included: the shards draw
+    the whole weight's noise from the same seed and keep their rows'."""
+    from peft_quant.quant_full.int8_state import LionHyper, lion_step_, quantize_weight
+
+    torch.manual_seed(0)
+    weight, grad = torch.randn(8, 32), torch.randn(8, 32)
+    hyper, block = LionHyper(lr=3e-3, weight_decay=0.1), 64  # one block per two rows: shards fill whole blocks
+
+    def step(codes, scale, index, value, g, rows=None):
+        momentum = [torch.zeros(codes.numel(), dtype=torch.int8), torch.zeros(codes.numel() // block)]
+        for _ in range(3):
+            lion_step_(codes, scale, index, value, *momentum, g, hyper, 16, block, True,
+                       torch.Generator().manual_seed(7), rows)
+        return codes, value, *momentum
+
+    codes, scale, index, value = quantize_weight(weight, 16, 0.05)
+    whole = step(codes.clone(), scale, index, value.clone(), grad)
+    parts = []
+    for first in (0, 4):
+        mine = (index >= first * 32) & (index < (first + 4) * 32)
+        parts.append(step(codes[first:first + 4].clone(), scale[first:first + 4], index[mine] - first * 32,
+                          value[mine].clone(), grad[first:first + 4], rows=(first, 8)))
+    for got, expected in zip(zip(*parts), whole):
+        assert torch.equal(torch.cat(got), expected)
+    assert not torch.equal(whole[0], codes)  # the steps moved the codes
+
+
+def test_shard_quant_full_needs_a_process_group():
+    from peft_quant.distributed import shard_quant_full
+
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), QuantFullConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"needs torch.distributed initialized.*Fix: launch with torchrun"):
+        shard_quant_full(model)

@@ -51,14 +51,22 @@ def num_outliers(numel: int, fraction: float) -> int:
 
 
 def round_to_int8(
-    v: torch.Tensor, stochastic: bool, generator: Optional[torch.Generator] = None
+    v: torch.Tensor,
+    stochastic: bool,
+    generator: Optional[torch.Generator] = None,
+    rows: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Real-valued codes → int8 codes in [-127, 127], overwriting ``v``: to nearest, or stochastically (``floor(v)``
-    plus one with probability ``v - floor(v)``; unbiased, and exact for integer ``v``)."""
+    plus one with probability ``v - floor(v)``; unbiased, and exact for integer ``v``).
+
+    ``rows = (first, total)``: ``v`` holds rows ``first …`` of a tensor of ``total`` rows (a row shard); the noise is
+    drawn for the whole tensor and this part kept, so every shard rounds exactly as the whole tensor would."""
     if stochastic:
         low = torch.floor(v)
         fraction = v.sub_(low)
-        v = low.add_(torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype) < fraction)
+        first, total = rows if rows is not None else (0, v.shape[0])
+        noise = torch.rand((total, *v.shape[1:]), generator=generator, device=v.device, dtype=v.dtype)
+        v = low.add_(noise[first:first + v.shape[0]] < fraction)
     else:
         v.round_()
     return v.clamp_(-QMAX, QMAX).to(torch.int8)
@@ -130,11 +138,14 @@ def lion_step_(
     block_size: int,
     stochastic: bool,
     generator: Optional[torch.Generator] = None,
+    rows: Optional[tuple[int, int]] = None,
 ) -> None:
     """One Lion step on the int8 state, in place: weights (codes and outliers) and momentum.
 
     Besides the gradient, about four float tensors of the layer's size live at the peak of the call (momentum,
-    step, rounding temporaries); nothing of any other layer.
+    step, rounding temporaries); nothing of any other layer. ``rows = (first, total)``: the state is a row shard
+    (rows ``first …`` of ``total``) and stochastic rounding uses the whole weight's draws for those rows (one float
+    tensor of the whole weight's size is drawn).
     """
     g = grad.to(torch.float32)
     m = dequantize_blockwise(momentum_codes, momentum_absmax, block_size, g.shape)
@@ -150,7 +161,7 @@ def lion_step_(
     # the step in code units, added to the codes exactly: a zero step leaves every code as it is
     moved = _grouped(update, group_size).div_(scale.unsqueeze(-1)).add_(_grouped(codes, group_size))
     del update
-    codes.copy_(round_to_int8(moved, stochastic, generator).reshape(codes.shape))
+    codes.copy_(round_to_int8(moved, stochastic, generator, rows).reshape(codes.shape))
     del moved
     m.mul_(hyper.beta2).add_(g, alpha=1 - hyper.beta2)
     new_codes, new_absmax = quantize_blockwise(m, block_size)

@@ -23,6 +23,7 @@ from ..quant_formats import BaseFormat, WeightFormat, describe, read_weight
 from ..tuner_base import PeftQuantLayer
 from .config import QuantFullConfig
 from .int8_state import dequantize_weight, quantize_weight
+from .sharding import Int8Weight, RowShard, gather_int8_weight
 
 Updater = Callable[["QuantFullLayer", torch.Tensor], None]
 
@@ -54,13 +55,15 @@ class _Int8Linear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, layer: "QuantFullLayer") -> torch.Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x)
-        return int8_matmul(x, *layer.int8_weight())
+        return int8_matmul(x, *layer.whole_int8_weight())
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = int8_matmul(grad, *layer.int8_weight(), transpose_weight=False) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = int8_matmul(grad, *layer.whole_int8_weight(), transpose_weight=False)
         with torch.autocast(grad.device.type, enabled=False):  # the weight gradient in float32, even under autocast
             grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (tokens, out), (tokens, in)
             if not layer.update_from_activations(grad_2d, x_2d):
@@ -75,7 +78,11 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
 
     A layer holds at most one QuantFull adapter, and the base layer's weights are released, so the layer computes
     only while that adapter is active or merged (see :meth:`forward`). ``model_dtype``, an empty buffer, starts in
-    the base layer's dtype and follows later casts of the model, so a merge writes a Linear of the model's dtype."""
+    the base layer's dtype and follows later casts of the model, so a merge writes a Linear of the model's dtype.
+
+    Under FSDP2 (:func:`peft_quant.distributed.shard_quant_full`) the buffers hold this rank's rows only and
+    ``qf_shard`` says which; the matmuls gather the whole int8 weight (:meth:`whole_int8_weight`), and reading or
+    saving the whole weight is refused until :func:`peft_quant.distributed.unshard_quant_full` gathers it back."""
 
     adapter_layer_names: tuple[str, ...] = ("qf_bias", "qf_anchor")
     other_param_names: tuple[str, ...] = ("qf_codes", "qf_scale", "qf_outlier_index", "qf_outlier_value",
@@ -97,6 +104,7 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
         self.qf_group_size: dict[str, Optional[int]] = {}
         self.qf_train_bias: dict[str, bool] = {}
         self.updater: Optional[Updater] = None
+        self.qf_shard: Optional[RowShard] = None  # set by peft_quant.distributed.shard_quant_full
         self.register_buffer("model_dtype", torch.empty(0, dtype=self._base_dtype(base_layer)), persistent=False)
         self.update_layer(adapter_name, config, layer_name)
 
@@ -187,16 +195,32 @@ class QuantFullLayer(nn.Module, PeftQuantLayer):
         return next(iter(self.qf_codes))
 
     def weight_of(self, dtype: torch.dtype = torch.float32, adapter_name: Optional[str] = None) -> torch.Tensor:
-        """The current float weight ``(out, in)``, dequantized from the int8 state."""
+        """The current float weight ``(out, in)``, dequantized from the int8 state (refused on a row shard)."""
+        self.refuse_row_shard("reading its whole weight (weight_of, merge, get_delta_weight)")
         return dequantize_weight(*self.int8_weight(adapter_name), dtype)
 
-    def int8_weight(
-        self, adapter_name: Optional[str] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[int]]:
-        """The int8 state ``(codes, scale, outlier_index, outlier_value, group_size)``, as the kernels take it."""
+    def int8_weight(self, adapter_name: Optional[str] = None) -> Int8Weight:
+        """The int8 state ``(codes, scale, outlier_index, outlier_value, group_size)`` this process holds, as the
+        kernels take it: the whole weight, or this rank's rows of a row-sharded layer (``qf_shard``)."""
         name = adapter_name or self.adapter
         return (self.qf_codes[name], self.qf_scale[name], self.qf_outlier_index[name], self.qf_outlier_value[name],
                 self.qf_group_size[name])
+
+    def whole_int8_weight(self) -> Int8Weight:
+        """The whole int8 weight the matmuls use: :meth:`int8_weight`, gathered from every rank's rows when the layer
+        is row-sharded (a collective that every rank of its group runs at the same point of forward and backward)."""
+        return self.int8_weight() if self.qf_shard is None else gather_int8_weight(self)
+
+    def refuse_row_shard(self, action: str) -> None:
+        """Raise when this layer holds only a row shard of its weight: ``action`` would see a part as the whole."""
+        if self.qf_shard is not None:
+            raise RuntimeError(
+                f"QuantFull layer {self.layer_name!r} holds rows {self.qf_shard.first_row} to "
+                f"{self.qf_shard.first_row + self.qf_shard.rows} of its {self.qf_shard.total_rows} (rank "
+                f"{self.qf_shard.rank} of {self.qf_shard.world}, shard_quant_full), so {action} would use a part of "
+                "the weight as if it were all of it. Fix: call peft_quant.distributed.unshard_quant_full(model, "
+                "optimizer) on every rank first (it gathers the whole int8 weight and momentum back)."
+            )
 
     def update_from_activations(self, grad_output: torch.Tensor, x: torch.Tensor) -> bool:
         """Offer the updater this backward's ``grad_output (tokens, out)`` and ``x (tokens, in)`` for a fused update

@@ -7,23 +7,33 @@ represented by their one-element anchors; group 1: float parameters), so LR sche
 work, and ``state_dict`` carries the int8 momentum, so checkpoints resume exactly.
 
 Under data parallelism (DDP) the in-backward update runs before DDP averages gradients, so each layer averages its
-own weight gradient over the data-parallel group right before applying it (:mod:`peft_quant.distributed`); FSDP is
-refused.
+own weight gradient over the data-parallel group right before applying it (:mod:`peft_quant.distributed`). Under
+FSDP2 the layers are row-sharded (:func:`peft_quant.distributed.shard_quant_full`): each reduce-scatters its weight
+gradient and steps its own rows (:mod:`peft_quant.quant_full.sharding`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..distributed import SUPPORTED_ENGINES, average_gradient_, data_parallel_group, refuse_sharded
+from ..distributed import (
+    FSDP2_RECIPE,
+    SUPPORTED_ENGINES,
+    average_gradient_,
+    check_engines,
+    data_parallel_group,
+    whole_value,
+)
 from ..kernels.quant_full import fused_step_supported, lion_step_from_activations_
 from .int8_state import LionHyper, lion_step_
 from .layer import QuantFullLayer
+from .sharding import all_ranks_sum, reduce_scatter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +63,14 @@ class QuantFullOptimizer(torch.optim.Optimizer):
     gradient is then not used. With ``gradient_accumulation_steps`` only the summed gradient of the applying
     micro-step is averaged, so DDP's ``no_sync()`` on the other micro-steps costs no collective here either. Every
     rank must run the same layers on the same number of micro-batches (a rank that skips a layer's backward leaves
-    the others waiting). FSDP (``fully_shard``, DTensor parameters) is refused with an error naming DDP, here or at the
-    first backward when the model was sharded after this optimizer was created.
+    the others waiting). Under FSDP2 the int8 layers must be row-sharded first
+    (:func:`peft_quant.distributed.shard_quant_full`, before ``fully_shard``, with the anchors left out of it): each
+    layer then reduce-scatters its weight gradient by rows at every micro-step (averaged; the accumulation buffer
+    holds this rank's rows only) and steps its own rows, drawing stochastic rounding's noise as one process would;
+    the decision to skip a non-finite gradient and the clipping norm are taken over the whole layer (one small
+    all-reduce), so the ranks never disagree. FSDP1, DTensor parameters outside FSDP2 and FSDP2 without the row
+    sharding are refused with an error naming the fix, here or at the first backward when the model was wrapped
+    after this optimizer was created.
 
     A weight gradient with NaN or Inf is never applied: that layer's update is skipped, counted in
     ``skipped_updates`` and logged. Non-finite or out-of-range hyperparameters raise a ``ValueError``, at
@@ -82,7 +98,7 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         process_group: Optional[object] = None,
     ) -> None:
-        refuse_sharded(model, "QuantFullOptimizer")
+        check_engines(model, "QuantFullOptimizer")
         layers = [m for m in model.modules() if isinstance(m, QuantFullLayer)]
         if not layers:
             raise ValueError(
@@ -109,6 +125,8 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self.skipped_updates = 0
         self._layers = layers
         self._anchors = anchors  # the parameters the state is keyed by: a wrapper replacing them is refused
+        self._model = weakref.ref(model)  # to refuse a later fully_shard (see _check_wrapping)
+        self._fsdp_at_start = _has_fsdp2(model)
         self._index = {id(layer): i for i, layer in enumerate(layers)}
         for layer in layers:
             layer.updater = _Int8Updater(self)
@@ -148,10 +166,12 @@ class QuantFullOptimizer(torch.optim.Optimizer):
                 state["momentum_codes"] = state["momentum_codes"].to(torch.int8)
                 state["momentum_absmax"] = state["momentum_absmax"].to(torch.float32)
 
-    def _clip(self, grad: torch.Tensor) -> torch.Tensor:
+    def _clip(self, grad: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``grad`` scaled to at most ``max_grad_norm``; ``norm``: its norm when it is only a part of the gradient
+        (a row shard), else computed here."""
         if self.max_grad_norm is None:
             return grad
-        norm = grad.norm()
+        norm = float(whole_value(grad.norm() if norm is None else norm))  # an FSDP2 shard's norm: over all shards
         return grad * (self.max_grad_norm / norm) if norm > self.max_grad_norm else grad
 
     def _layer_state(self, layer: QuantFullLayer) -> dict:
@@ -161,13 +181,22 @@ class QuantFullOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"The parameters of QuantFull layer {layer.layer_name!r} were replaced after QuantFullOptimizer was "
                 "created (FSDP's fully_shard does this, as does to_empty() or load_state_dict(assign=True)), so its "
-                f"optimizer state would be lost or split between objects. {SUPPORTED_ENGINES}. Fix: use "
-                "DistributedDataParallel instead of fully_shard; otherwise create the optimizer after the model's "
+                f"optimizer state would be lost or split between objects. {SUPPORTED_ENGINES}. Fix: under FSDP2, "
+                f"{FSDP2_RECIPE}; otherwise use DistributedDataParallel, or create the optimizer after the model's "
                 "parameters are final."
             )
         state = self.state[anchor]
+        codes = layer.qf_codes[layer.adapter]
+        if state and state["momentum_codes"].numel() != codes.numel():
+            raise RuntimeError(
+                f"QuantFull layer {layer.layer_name!r} holds {codes.numel()} int8 weights but its momentum has "
+                f"{state['momentum_codes'].numel()} values: the layer was sharded or unsharded (shard_quant_full, "
+                "unshard_quant_full) after training started without the optimizer, or a checkpoint of another "
+                "rank or world size was loaded. Fix: pass the optimizer to unshard_quant_full(model, optimizer), "
+                "shard before the first step, and load each rank's own optimizer checkpoint."
+            )
         if not state:
-            codes = layer.qf_codes[layer.adapter]
+            self._check_wrapping()  # at each layer's first step, before any state changes
             blocks = -(-codes.numel() // self.momentum_block_size)
             state["step"] = 0
             state["momentum_codes"] = torch.zeros(codes.numel(), dtype=torch.int8, device=codes.device)
@@ -195,8 +224,8 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         codes, scale, index, value, group_size = layer.int8_weight()
         if self.gradient_accumulation_steps > 1 or self.max_grad_norm is not None:
             return False
-        if data_parallel_group(self.process_group) is not None:  # the gradient must be averaged before the step
-            return False
+        if layer.qf_shard is not None or data_parallel_group(self.process_group) is not None:
+            return False  # the gradient must be averaged (or reduce-scattered) before the step
         if not fused_step_supported(grad_output, x, codes, self.momentum_block_size):
             return False
         state = self._layer_state(layer)
@@ -211,9 +240,12 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         return True
 
     def _fused_step(self, layer: QuantFullLayer, grad: torch.Tensor) -> None:
-        """Lion on one layer's int8 state, from inside its backward."""
+        """Lion on one layer's int8 state, from inside its backward (a row-sharded layer first reduce-scatters the
+        gradient: its rows of the ranks' mean)."""
         self._check_hyperparameters()
         state = self._layer_state(layer)
+        if layer.qf_shard is not None:
+            grad = reduce_scatter_rows(grad.to(torch.float32), layer.qf_shard)
         if self.gradient_accumulation_steps > 1:
             if "grad_accum" in state:
                 state["grad_accum"].add_(grad)
@@ -227,9 +259,17 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self._apply(layer, state, grad)
 
     def _apply(self, layer: QuantFullLayer, state: dict, grad: torch.Tensor) -> None:
-        """Lion on the layer's int8 state with ``grad`` (owned: averaged over the data-parallel ranks in place)."""
-        grad = average_gradient_(grad.to(torch.float32), data_parallel_group(self.process_group))
-        if not torch.isfinite(grad).all():
+        """Lion on the layer's int8 state with ``grad`` (owned: averaged over the data-parallel ranks in place; a
+        row-sharded layer's rows, already averaged: its ranks agree on the whole gradient's finiteness and norm)."""
+        shard, norm = layer.qf_shard, None
+        if shard is None:
+            grad = average_gradient_(grad.to(torch.float32), data_parallel_group(self.process_group))
+            finite = bool(torch.isfinite(grad).all())
+        else:
+            square = torch.linalg.vector_norm(grad, dtype=torch.float64).square().reshape(1)
+            norm = all_ranks_sum(square, shard).sqrt()[0]  # the whole layer's gradient norm
+            finite = bool(torch.isfinite(norm))  # a NaN or Inf in any rank's rows makes the sum non-finite
+        if not finite:
             self._skip(layer)
             return
         generator = None
@@ -239,8 +279,9 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         codes, scale, index, value, group_size = layer.int8_weight()
         with torch.no_grad():
             lion_step_(
-                codes, scale, index, value, state["momentum_codes"], state["momentum_absmax"], self._clip(grad),
+                codes, scale, index, value, state["momentum_codes"], state["momentum_absmax"], self._clip(grad, norm),
                 self._hyper(), group_size, self.momentum_block_size, layer.stochastic_rounding, generator,
+                None if shard is None else (shard.first_row, shard.total_rows),
             )
         state["step"] += 1
 
@@ -252,13 +293,14 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_wrapping()
         for group in self.param_groups[1:]:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 grad = param.grad.to(torch.float32)
-                if not torch.isfinite(grad).all():
+                if not whole_value(torch.isfinite(grad).all()):  # FSDP2: every rank decides for the whole param
                     self.skipped_updates += 1
                     logger.warning("QuantFull: skipped the update of a float parameter whose gradient has NaN or Inf.")
                     continue
@@ -272,6 +314,19 @@ class QuantFullOptimizer(torch.optim.Optimizer):
         self._flush_accumulation()
         return loss
 
+    def _check_wrapping(self) -> None:
+        """Raise when ``fully_shard`` wrapped the model after this optimizer was created: it put new parameters in
+        place of the float ones this optimizer holds (stepping those would silently train nothing), and the checks
+        of :func:`~peft_quant.distributed.check_engines` never saw the wrapping."""
+        model = self._model()
+        if self._fsdp_at_start or model is None or not _has_fsdp2(model):
+            return
+        raise RuntimeError(
+            "fully_shard wrapped the model after this QuantFullOptimizer was created: its float parameters were "
+            "replaced by FSDP2's, which get the gradients, so this step would update nothing. Fix: create "
+            f"QuantFullOptimizer(model, ...) after fully_shard (under FSDP2: {FSDP2_RECIPE})."
+        )
+
     def _flush_accumulation(self) -> None:
         """Apply gradients still accumulating at an optimizer step: the Trainer ends an epoch with a shorter
         accumulation when the batches do not divide evenly, and int8 steps must stay aligned with its steps."""
@@ -280,6 +335,15 @@ class QuantFullOptimizer(torch.optim.Optimizer):
             if state and "grad_accum" in state:
                 state["micro_steps"] = 0
                 self._apply(layer, state, state.pop("grad_accum"))
+
+
+def _has_fsdp2(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` wrapped ``model`` or one of its submodules."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _finite(value: object) -> bool:
