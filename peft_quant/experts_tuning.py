@@ -9,7 +9,6 @@ method's tuner puts :class:`ExpertsDispatchMixin` first in its bases and names i
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -17,8 +16,6 @@ from torch import nn
 
 from .experts import ExpertsFormat, resolve_experts_format, run_experts
 from .quant_formats import UnsupportedLayerError
-
-logger = logging.getLogger(__name__)
 
 
 class ExpertsLayerMixin:
@@ -28,10 +25,9 @@ class ExpertsLayerMixin:
     base_layer: nn.Module
     _weight_format: ExpertsFormat
 
-    def _init_base(self, base_layer: nn.Module, adapter_name: str) -> None:
-        """Hold the bank and resolve its :class:`~peft_quant.experts.ExpertsFormat` (``in_features`` and
-        ``out_features`` are the bank's ``H``; per-projection widths come from :meth:`widths`)."""
-        self.base_layer = base_layer
+    def _resolve(self, base_layer: nn.Module) -> ExpertsFormat:
+        """The bank's :class:`~peft_quant.experts.ExpertsFormat` (``in_features`` and ``out_features`` are the bank's
+        ``H``; per-projection widths come from :meth:`widths`)."""
         fmt = resolve_experts_format(base_layer)
         if fmt is None:
             raise UnsupportedLayerError(
@@ -39,21 +35,7 @@ class ExpertsLayerMixin:
                 "wrap (transformers' GptOssExperts, or peft_quant.experts.Mxfp4Experts). Fix: target the bank module "
                 "itself (e.g. target_modules=[\"experts\"]), or one of those bank types."
             )
-        self._weight_format = fmt
-        self.in_features = fmt.facts.in_features
-        self.out_features = fmt.facts.out_features
-        self.merged_adapters: list[str] = []
-        self.requantization_error: dict[str, float] = {}
-        self._unmerged_base: Optional[tuple[nn.Module, dict[str, Any]]] = None
-        self._active_adapter = adapter_name
-
-    @property
-    def weight_format(self) -> ExpertsFormat:
-        """The bank's format, re-resolved when the bank was replaced (e.g. by ``quantize_experts``)."""
-        base = self.get_base_layer()
-        if self._weight_format.layer is not base:
-            self._weight_format = resolve_experts_format(base)
-        return self._weight_format
+        return fmt
 
     @property
     def num_experts(self) -> int:
@@ -92,17 +74,6 @@ class ExpertsLayerMixin:
 
     def _fold_exactly(self, names: list[str]) -> bool:
         return False  # expert banks have no per-channel scales to fold into: merges re-quantize
-
-    def unmerge(self) -> None:
-        """Put the bank's stored tensors back exactly as they were before the first merge."""
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        layer, state = self._unmerged_base
-        self.base_layer = layer
-        resolve_experts_format(layer).restore_state(state)
-        self._unmerged_base = None
-        self.merged_adapters.clear()
 
     def extra_repr(self) -> str:
         return f"base={self.weight_format.facts.label!r}, num_experts={self.num_experts}"

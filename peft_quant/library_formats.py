@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .quant_formats import BaseFormat, WeightFormat, _clone, _Owner
+from .quant_formats import BaseFormat, BufferStateFormat, WeightFormat, _clone, _Owner
 
 
 def _loaded(module: str):
@@ -435,9 +435,9 @@ class CompressedTensorsFormat(WeightFormat):
 # ---- AWQ (gptqmodel) -----------------------------------------------------------------------------------------------
 
 
-class AwqFormat(WeightFormat):
-    """gptqmodel's AWQ layers (``AWQuantLinear``; they also subclass gptqmodel's ``BaseQuantLinear``, so this format
-    is probed before the GPTQ one). ``AwqTorchLinear`` keeps the AWQ GEMM layout it was loaded with: read with
+class AwqFormat(BufferStateFormat):
+    """gptqmodel's AWQ layers (``AWQuantLinear``; they also subclass gptqmodel's ``BaseQuantLinear``, which the GPTQ
+    format matches except for these). ``AwqTorchLinear`` keeps the AWQ GEMM layout it was loaded with: read with
     gptqmodel's ``dequantize_gemm``, written back with the layer's own ``pack`` (asymmetric round-to-nearest per
     group, the layer's bits and group size). Other AWQ kernels repack the codes at load time and are described only.
     """
@@ -495,13 +495,6 @@ class AwqFormat(WeightFormat):
         return weight.T.to(dtype).contiguous()
 
     _BUFFERS = ("qweight", "qzeros", "scales")
-
-    def save_state(self) -> dict[str, Any]:
-        return {name: _clone(getattr(self.layer, name)) for name in self._BUFFERS}
-
-    def restore_state(self, state: dict[str, Any]) -> None:
-        for name in self._BUFFERS:
-            setattr(self.layer, name, state[name].clone())
 
     def _store(self, weight: torch.Tensor) -> None:
         """Asymmetric min-max round-to-nearest per group (AWQ's own scale search needs calibration data; its

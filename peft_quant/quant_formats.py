@@ -222,7 +222,20 @@ class FloatFormat(WeightFormat):
         return True
 
 
-class IntFormat(WeightFormat):
+class BufferStateFormat(WeightFormat):
+    """A format whose stored state is a fixed set of the layer's buffers (``_BUFFERS``): copied and put back whole."""
+
+    _BUFFERS: ClassVar[tuple[str, ...]] = ()
+
+    def save_state(self) -> dict[str, Any]:
+        return {name: _clone(getattr(self.layer, name)) for name in self._BUFFERS}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        for name in self._BUFFERS:
+            setattr(self.layer, name, state[name].clone())
+
+
+class IntFormat(BufferStateFormat):
     """peft-quant's own uniform per-output-channel format (:mod:`peft_quant.int_quant`)."""
 
     _BUFFERS = ("qweight", "scale", "zero")
@@ -249,13 +262,6 @@ class IntFormat(WeightFormat):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.layer.dequantize(dtype)
-
-    def save_state(self) -> dict[str, Any]:
-        return {name: _clone(getattr(self.layer, name)) for name in self._BUFFERS}
-
-    def restore_state(self, state: dict[str, Any]) -> None:
-        for name in self._BUFFERS:
-            setattr(self.layer, name, state[name].clone())
 
     def _store(self, weight: torch.Tensor) -> None:
         self.layer.requantize_(weight)

@@ -28,10 +28,15 @@ class PeftQuantLayer(BaseTunerLayer):
     :meth:`_fold_exactly` (a merge without re-quantization).
     """
 
+    def _resolve(self, base_layer: nn.Module) -> WeightFormat:
+        """The format of ``base_layer`` (:func:`~peft_quant.quant_formats.resolve_format`; expert-bank layers resolve
+        banks instead); raises :class:`UnsupportedLayerError` for layers it does not know."""
+        return resolve_format(base_layer)
+
     def _init_base(self, base_layer: nn.Module, adapter_name: str) -> None:
         """Hold ``base_layer`` and resolve its format (raises UnsupportedLayerError for unsupported types)."""
         self.base_layer = base_layer
-        self._weight_format = resolve_format(base_layer)
+        self._weight_format = self._resolve(base_layer)
         self.in_features = self._weight_format.facts.in_features
         self.out_features = self._weight_format.facts.out_features
         self.merged_adapters: list[str] = []
@@ -44,7 +49,7 @@ class PeftQuantLayer(BaseTunerLayer):
         """The base layer's format, re-resolved when the base layer was replaced (e.g. by ``quantize_model``)."""
         base = self.get_base_layer()
         if self._weight_format.layer is not base:
-            self._weight_format = resolve_format(base)
+            self._weight_format = self._resolve(base)
         return self._weight_format
 
     @property
@@ -117,7 +122,7 @@ class PeftQuantLayer(BaseTunerLayer):
             return
         layer, state = self._unmerged_base
         self.base_layer = layer
-        resolve_format(layer).restore_state(state)
+        self._resolve(layer).restore_state(state)
         self._unmerged_base = None
         self.merged_adapters.clear()
 
