@@ -254,21 +254,6 @@ def _is_transformers_fp8_linear(layer: nn.Module) -> bool:
             and isinstance(weight, torch.Tensor) and weight.dtype == FP8_DTYPE)
 
 
-class _KernelForwardTiledBackward(torch.autograd.Function):
-    """A base layer's own forward (its kernel, under no_grad), with ``dX = dY · dequant(W)`` tile by tile from the
-    stored tensors in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module, codec: Codec, *stored: torch.Tensor) -> torch.Tensor:
-        ctx.codec, ctx.stored = codec, stored  # references to the layer's own tensors, as BlockScaledLinearFunction
-        return layer(x)  # autograd is off inside forward: the layer takes its plain kernel path
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        grad_x = matmul_weight(grad, ctx.stored, ctx.codec) if ctx.needs_input_grad[0] else None
-        return (grad_x, None, None) + (None,) * len(ctx.stored)
-
-
 class TransformersFp8Format(_StoredTensorsFormat):
     """transformers' ``FP8Linear`` (a CUDA kernel; ``weight`` e4m3 and ``weight_scale_inv`` per block, or one scale
     per tensor when ``block_size`` is ``None``). Recognised by class name and module, so transformers' FP8 module is
@@ -308,15 +293,11 @@ class TransformersFp8Format(_StoredTensorsFormat):
         bias = self.layer.bias
         return bias.dtype if bias is not None else torch.bfloat16
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The layer's own kernel forward; the input gradient from the stored tensors, tile by tile."""
-        if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
-            return self.layer(x, *args, **kwargs)
-        out = _KernelForwardTiledBackward.apply(x, self.layer, self.codec, *self.stored())
-        bias = self.layer.bias
-        if bias is not None and bias.requires_grad:  # a trained bias (e.g. QOFT bias="qoft_only"): adds exactly 0
-            out = out + (bias - bias.detach()).to(out.dtype)
-        return out
+    frozen_forward = True  # the layer's own kernel forward; the input gradient decoded from the stored bytes
+
+    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """``dY · dequant(W)`` tile by tile from the stored tensors (never a float copy of the whole layer)."""
+        return matmul_weight(grad, self.stored(), self.codec)
 
 
 #: probed by :func:`peft_quant.quant_formats.all_formats`

@@ -56,6 +56,8 @@ def _rows_scaled(scale: torch.Tensor, factor: torch.Tensor) -> None:
 class HqqFormat(WeightFormat):
     """``hqq.core.quantize.HQQLinear``: packed codes ``W_q`` and a ``meta`` dict (scale, zero, shape, bits...)."""
 
+    frozen_forward = True  # its own forward saves its input or a float weight for backward
+
     input_grad_fix = (
         "HQQ's ATEN/forward-only backends compute no input gradient; select a backprop backend before training: "
         "HQQLinear.set_backend(HQQBackend.PYTORCH) (or ATEN_BACKPROP)"
@@ -200,6 +202,8 @@ class TorchaoFormat(WeightFormat):
     with the config the weight's own attributes describe, so the merged layer keeps torchao's format.
     """
 
+    frozen_forward = True  # its own forward saves its input or a float weight for backward
+
     input_grad_fix = ("quantize with a torchao weight-only config (Int8WeightOnlyConfig, IntxWeightOnlyConfig, "
                       "Float8WeightOnlyConfig)")
 
@@ -290,6 +294,8 @@ class CompressedTensorsFormat(WeightFormat):
     weight fake-quantized with ``weight_scale``/``weight_zero_point`` on every forward). Each method below reads the
     current state, so a layer decompressed by the library between two calls is still described right.
     """
+
+    frozen_forward = True  # in the frozen (fake-quantized) state its forward saves a float copy of the weight
 
     input_grad_fix = "report this compressed-tensors scheme to peft-quant"
     _GRID_STRATEGIES = ("group", "channel", "tensor")
@@ -441,6 +447,10 @@ class AwqFormat(BufferStateFormat):
     gptqmodel's ``dequantize_gemm``, written back with the layer's own ``pack`` (asymmetric round-to-nearest per
     group, the layer's bits and group size). Other AWQ kernels repack the codes at load time and are described only.
     """
+
+    @property
+    def frozen_forward(self) -> bool:  # its own forward saves its input; kernels that repack cannot be read back
+        return self._readable()
 
     input_grad_fix = ('load the AWQ model with gptqmodel\'s torch kernel (backend="awq_torch"), whose forward is plain '
                       "torch")

@@ -159,9 +159,30 @@ class WeightFormat:
         return False
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base layer's output for ``x``, with a gradient w.r.t. ``x``: what input-side methods call. The layer's
-        own forward by default; formats whose base forward gives no (or a memory-costly) input gradient override it."""
-        return self.layer(x, *args, **kwargs)
+        """The base layer's output for ``x``, with a gradient w.r.t. ``x``: what input-side methods call.
+
+        The layer's own forward, with autograd as the layer does it; or, for formats marked ``frozen_forward`` (whose
+        own forward gives no input gradient, or saves its input or a float weight for backward), the layer's forward
+        run without autograd, saving nothing, with :meth:`input_grad` computing the input gradient in backward. A
+        trained bias (e.g. QOFT's ``bias="qoft_only"``) gets its gradient through an added ``bias − bias.detach()``
+        (exactly zero); any other trained tensor of the base keeps the layer's own autograd.
+        """
+        layer = self.layer
+        bias = getattr(layer, "bias", None)
+        trained = [name for name, p in layer.named_parameters() if p.requires_grad]
+        if (not self.frozen_forward or args or kwargs or not (torch.is_grad_enabled() and x.requires_grad)
+                or trained not in ([], ["bias"])):
+            return layer(x, *args, **kwargs)
+        out = _FrozenBaseForward.apply(x, self)
+        return out + (bias - bias.detach()).to(out.dtype) if trained else out
+
+    #: see :meth:`forward`
+    frozen_forward: ClassVar[bool] = False
+
+    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """``dL/dx = dL/dy · W`` of a Linear base for :meth:`forward`'s backward: the weight dequantized once, in the
+        gradient's dtype, and dropped right after (formats that can decode tile by tile override this)."""
+        return grad @ self.dequantize(grad.dtype)
 
     def check_input_grad(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Raise if the base forward dropped the gradient w.r.t. an input that needs one (an input-side adapter
@@ -172,6 +193,20 @@ class WeightFormat:
                 "for an input that needs one, so the adapter would silently get no gradient. "
                 f"Fix: {self.input_grad_fix}."
             )
+
+
+class _FrozenBaseForward(torch.autograd.Function):
+    """A frozen base layer's own forward under no_grad (so it saves nothing for backward), and the input gradient
+    from its format's :meth:`WeightFormat.input_grad`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+        ctx.fmt, ctx.x_dtype = fmt, x.dtype  # the format holds the layer (its stored tensors), nothing of x
+        return fmt.layer(x)  # autograd is off inside forward: the layer saves nothing
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        return ctx.fmt.input_grad(grad).to(ctx.x_dtype), None
 
 
 def _clone(tensor: torch.Tensor) -> torch.Tensor:

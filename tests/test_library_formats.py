@@ -270,6 +270,36 @@ def test_input_gradient_through_library_forward(spec, method):
 
 
 @spec_params
+def test_qoft_saves_only_its_input_for_backward(spec):
+    """What autograd keeps for a QOFT layer on the library's layer is the layer input alone (as for a float base):
+    not the rotated input again nor a float copy of the weight, which some libraries' own forwards save; their
+    formats run the frozen base without autograd and compute the input gradient from the stored weights."""
+    from peft import get_peft_model
+
+    import peft_quant
+
+    net = build(spec)
+    model = get_peft_model(net, peft_quant.QOFTConfig(target_modules=["fc"], block_size=32))
+    randomize(model)
+    x = sample(spec.dtype).requires_grad_()
+    run(net, x)  # a compressed-tensors model decompresses at its first forward
+    owned = {t.untyped_storage().data_ptr() for t in stored(net.fc).values()}
+    owned |= {p.untyped_storage().data_ptr() for p in model.parameters() if type(p) is nn.Parameter}
+    saved = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.untyped_storage().data_ptr() not in owned:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x, T)
+    assert set(saved) == {x.untyped_storage().data_ptr()}, f"saved {sorted(saved.values())} bytes, x is {x.nbytes}"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@spec_params
 def test_state_round_trip_is_exact(spec):
     net = build(spec)
     x = sample(spec.dtype)
