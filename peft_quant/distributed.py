@@ -30,7 +30,8 @@ SUPPORTED_ENGINES = (
 FSDP2_RECIPE = (
     "peft_quant.distributed.shard_quant_full(model) on every rank, then "
     "fully_shard(model, ignored_params=peft_quant.distributed.fsdp_ignored_params(model)), then "
-    "QuantFullOptimizer(model, ...)"
+    "QuantFullOptimizer(model, ...), in a training loop of your own (transformers.Trainer under accelerate's FSDP "
+    "wraps the model itself and cannot follow this order: train it with DDP instead)"
 )
 
 
