@@ -424,6 +424,14 @@ class Bnb8bitFormat(_BnbFormat):
 class GptqFormat(WeightFormat):
     """gptqmodel's GPTQ linear layers: readable (dequantized), but no kernel re-quantizes a changed weight."""
 
+    @property
+    def frozen_forward(self) -> bool:
+        """gptqmodel's torch kernel (``TorchLinear``) saves a dequantized float copy of the whole weight for backward:
+        run it without autograd instead; other kernels repack the codes and keep their own autograd."""
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+        return type(self.layer) is TorchLinear
+
     input_grad_fix = (
         "gptqmodel's default CPU kernel (TorchAtenLinear) switches to a no-grad kernel for good when its first forward "
         'runs in eval mode without gradients; load the GPTQ model with GPTQConfig(bits=..., backend="gptq_torch"), or '

@@ -64,15 +64,29 @@ def _reference_grad(layer, x):
     return packed.grad
 
 
-def test_base_output_without_gradient_raises(tiny_gptq_dir, monkeypatch):
-    """A base kernel that returns an output cut from autograd would leave the rotation without gradient: QOFT must
-    raise, not train nothing."""
+def test_torch_kernel_runs_frozen_and_saves_no_float_weight(tiny_gptq_dir, monkeypatch):
+    """gptqmodel's torch kernel would save a dequantized float copy of the whole weight for backward: the GPTQ format
+    runs it without autograd (even a kernel cut from autograd gives the exact gradient) and backward computes the
+    input gradient from the stored codes, so QOFT keeps only its input."""
     model = _wrapped(tiny_gptq_dir)
     layer = model.base_model.model.model.layers[1].mlp.down_proj
     base = layer.get_base_layer()
     monkeypatch.setattr(base, "forward", torch.no_grad()(base.forward))
-    with pytest.raises(RuntimeError, match=r'returned an output without gradient.*backend=\\?"gptq_torch\\?"'):
-        layer(torch.randn(2, 128))
+    x = torch.randn(2, 128, requires_grad=True)
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in owned:
+            saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    assert saved == {x.untyped_storage().data_ptr()}
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(layer.qoft_Q["default"].grad.double(), _reference_grad(layer, x.detach()), rtol=1e-3,
+                               atol=1e-4)
 
 
 def test_aten_kernel_after_eval_forward_is_never_silently_wrong(tiny_gptq_dir):
