@@ -105,5 +105,9 @@ def ranks_report(tensors: dict[str, torch.Tensor]) -> dict:
         return {}
     everyone: list[str | None] = [None] * world_size()
     dist.all_gather_object(everyone, state_digest(tensors))
+    # Wait (GIL released) until gloo's worker thread has also dropped that all-gather's tensors: a process group torn
+    # down while the worker still needs the GIL for them deadlocks at exit (the destructor joins the worker thread
+    # while holding the GIL), which left one rank hanging after a finished run.
+    dist.barrier()
     return {"processes": world_size(), "adapter_sha256_per_rank": everyone,
             "ranks_identical": len(set(everyone)) == 1}

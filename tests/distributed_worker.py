@@ -281,6 +281,7 @@ def _rank(rank: int, engine: str, port: int, out_dir: str) -> None:
             else:
                 result = train(name, rank, WORLD, _ddp if engine == "ddp" else _fsdp)
             torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
+        dist.barrier()  # gloo's worker thread drops the last collectives' tensors first (see examples/data_parallel.py)
     finally:
         dist.destroy_process_group()
 

@@ -91,8 +91,12 @@ def launch(launcher: str, command: list[str], work: Path) -> subprocess.Complete
     else:
         prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(EXAMPLES / "accelerate_ddp.yaml"), "--main_process_port", port]
-    result = subprocess.run(prefix + command, cwd=work, env=_env(), capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT)
+    try:
+        result = subprocess.run(prefix + command, cwd=work, env=_env(), capture_output=True, text=True,
+                                timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired as timeout:  # a rank stuck (e.g. its peer died in a collective): show both
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
+        pytest.fail(f"{launcher} did not finish in {LAUNCH_TIMEOUT} s:\n{(stderr or '')[-6000:]}")
     assert result.returncode == 0, f"{launcher} failed:\n{result.stderr[-6000:]}"
     return result
 
