@@ -94,6 +94,8 @@ def main(out_dir: str) -> None:
     checkpoint = os.path.join(out_dir, "full", f"checkpoint-{SAVE_STEPS}")
     resumed = run(os.path.join(out_dir, "resumed"), resume=checkpoint) if CPU_DDP_RESUME else None
     torch.save(dict(full=full, resumed=resumed), Path(out_dir) / f"trainer.rank{rank}.pt")
+    torch.distributed.barrier()  # gloo's worker thread drops the last collectives' tensors before the group is torn
+    # down at exit (see examples/data_parallel.py)
 
 
 if __name__ == "__main__":
