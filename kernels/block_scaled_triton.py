@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .block_scaled import MX_GROUP, Codec, Fp8BlockCodec, Stored
-from .quant_full_triton import _dot_mode, _matmul_blocks
+from .quant_full_triton import _dot_accumulate, _dot_mode, _matmul_blocks
 
 TWO_POW_M9: tl.constexpr = tl.constexpr(2.0**-9)  # e4m3's subnormal step
 TWO_POW_M127: tl.constexpr = tl.constexpr(2.0**-127)  # e8m0 code 0 (a float32 subnormal)
@@ -28,28 +28,30 @@ def _bits_to_float(sign, exponent, mantissa_bits):
 
 
 @triton.jit
-def _decode_e4m3(byte):
-    """float8_e4m3fn byte (int32 0-255) → float32."""
-    sign = byte >> 7
-    exponent = (byte >> 3) & 15
-    mantissa = byte & 7
-    normal = _bits_to_float(sign, exponent + 120, mantissa << 20)  # bias 7 → 127
-    subnormal = mantissa.to(tl.float32) * TWO_POW_M9
+def _decode_minifloat(code, EXPONENT_BITS: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr,
+                      SUBNORMAL_STEP: tl.constexpr):
+    """A sign/exponent/mantissa code (int32, the sign bit above the exponent) → float32, subnormals (exponent 0:
+    ``mantissa · SUBNORMAL_STEP``, ``SUBNORMAL_STEP = 2^(1 − BIAS − MANTISSA_BITS)``) included."""
+    sign = code >> (EXPONENT_BITS + MANTISSA_BITS)
+    exponent = (code >> MANTISSA_BITS) & ((1 << EXPONENT_BITS) - 1)
+    mantissa = code & ((1 << MANTISSA_BITS) - 1)
+    normal = _bits_to_float(sign, exponent + (127 - BIAS), mantissa << (23 - MANTISSA_BITS))
+    subnormal = mantissa.to(tl.float32) * SUBNORMAL_STEP
     subnormal = tl.where(sign == 1, -subnormal, subnormal)
-    value = tl.where(exponent == 0, subnormal, normal)
-    return tl.where((exponent == 15) & (mantissa == 7), float("nan"), value)
+    return tl.where(exponent == 0, subnormal, normal)
+
+
+@triton.jit
+def _decode_e4m3(byte):
+    """float8_e4m3fn byte (int32 0-255) → float32: 4 exponent bits with bias 7, 3 mantissa bits, NaN at ±0x7F."""
+    value = _decode_minifloat(byte, 4, 3, 7, TWO_POW_M9)
+    return tl.where((byte & 127) == 127, float("nan"), value)
 
 
 @triton.jit
 def _decode_e2m1(nibble):
     """e2m1 nibble (int32 0-15) → float32: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives."""
-    sign = nibble >> 3
-    exponent = (nibble >> 1) & 3
-    mantissa = nibble & 1
-    normal = _bits_to_float(sign, exponent + 126, mantissa << 22)  # bias 1 → 127
-    subnormal = mantissa.to(tl.float32) * 0.5
-    subnormal = tl.where(sign == 1, -subnormal, subnormal)
-    return tl.where(exponent == 0, subnormal, normal)
+    return _decode_minifloat(nibble, 2, 1, 1, 0.5)
 
 
 @triton.jit
@@ -87,10 +89,7 @@ def _input_grad_kernel(
             nibble = tl.where(rn[None, :] % 2 == 0, byte & 15, byte >> 4)
             code = tl.load(scale_ptr + row * scale_stride + rn[None, :] // block_cols, mask=mask, other=127)
             w = _decode_e2m1(nibble) * _decode_e8m0(code.to(tl.int32))
-        if DOT_FP32:
-            acc = tl.dot(g.to(tl.float32), w, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(g, w.to(g.dtype), acc)
+        acc = _dot_accumulate(acc, g, w, DOT_FP32, PRECISION)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 

@@ -35,6 +35,17 @@ def _dot_mode(*tensors: torch.Tensor) -> tuple[bool, str]:
     return (not half) or interpreting(), precision
 
 
+@triton.jit
+def _dot_accumulate(acc, a, w, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ w`` as :func:`_dot_mode` chose: float32 operands at ``PRECISION``, or ``w`` in ``a``'s half dtype
+    (float32 accumulation either way)."""
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), w, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, w.to(a.dtype), acc)
+    return acc
+
+
 QMAX_F = tl.constexpr(float(QMAX))
 
 
@@ -81,10 +92,7 @@ def _dequant_matmul_kernel(
         else:
             s = tl.load(scale_ptr + row.to(tl.int64) * groups + col // group_size, mask=b_mask, other=0.0)
         w = q.to(tl.float32) * s  # (BK, BN), as dequantize_weight computes it
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), w, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, w.to(a.dtype), acc)
+        acc = _dot_accumulate(acc, a, w, DOT_FP32, PRECISION)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_ADD:
         acc += tl.load(add_ptr + rm[:, None].to(tl.int64) * stride_addm + rn[None, :].to(tl.int64) * stride_addn,

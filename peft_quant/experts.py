@@ -28,26 +28,19 @@ The MXFP4 codec itself is :mod:`peft_quant.kernels.block_scaled` (``mxfp4_quanti
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, ClassVar, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 from torch import nn
 
+from .kernels.block_scaled import MX_GROUP, MXFP4, linear, mxfp4_dequantize, mxfp4_quantize
 from .quant_formats import BaseFormat, UnsupportedLayerError, WeightFormat
 
 #: the bank's projections, in the order of the flat weight (:meth:`ExpertsFormat.split`)
 PROJECTIONS: tuple[str, ...] = ("gate_up_proj", "down_proj")
-MXFP4_BLOCK = 32  # inputs sharing one e8m0 scale
 
 _GPT_OSS_MODULE = "transformers.models.gpt_oss.modeling_gpt_oss"
 _MXFP4_MODULE = "transformers.integrations.mxfp4"
-
-
-def _codec() -> tuple[Callable, Callable]:
-    """``(mxfp4_quantize, mxfp4_dequantize)`` of :mod:`peft_quant.kernels.block_scaled`."""
-    from .kernels import block_scaled
-
-    return block_scaled.mxfp4_quantize, block_scaled.mxfp4_dequantize
 
 
 def gpt_oss_experts_class() -> Optional[type]:
@@ -63,11 +56,11 @@ def _transformers_mxfp4_class() -> Optional[type]:
 
 def _check_widths(hidden: int, intermediate: int, what: str) -> None:
     for name, width in (("hidden_size", hidden), ("intermediate_size", intermediate)):
-        if width % MXFP4_BLOCK:
+        if width % MX_GROUP:
             raise ValueError(
-                f"{what}: MXFP4 shares one scale per {MXFP4_BLOCK} inputs, and {name}={width} is not a multiple of "
-                f"{MXFP4_BLOCK}. Fix: keep this bank in float (exclude it from quantize_experts), or use a model "
-                f"whose widths are multiples of {MXFP4_BLOCK}."
+                f"{what}: MXFP4 shares one scale per {MX_GROUP} inputs, and {name}={width} is not a multiple of "
+                f"{MX_GROUP}. Fix: keep this bank in float (exclude it from quantize_experts), or use a model "
+                f"whose widths are multiples of {MX_GROUP}."
             )
 
 
@@ -78,9 +71,7 @@ def mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) ->
     :func:`peft_quant.kernels.block_scaled.linear`: decoded tile by tile in forward and backward, keeping only
     references to the codes (the bank's own tensors, no copy) for backward; the bank is frozen, so no weight gradient
     exists."""
-    from .kernels import block_scaled
-
-    return block_scaled.linear(x, (blocks, scales), block_scaled.MXFP4)
+    return linear(x, (blocks, scales), MXFP4)
 
 
 # ---- the routed loop ------------------------------------------------------------------------------------------------
@@ -153,8 +144,8 @@ class Mxfp4Experts(nn.Module):
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.alpha, self.limit = alpha, limit
         for proj, (out_features, in_features) in self.shapes().items():
-            groups = in_features // MXFP4_BLOCK
-            self.register_buffer(f"{proj}_blocks", torch.zeros(num_experts, out_features, groups, MXFP4_BLOCK // 2,
+            groups = in_features // MX_GROUP
+            self.register_buffer(f"{proj}_blocks", torch.zeros(num_experts, out_features, groups, MX_GROUP // 2,
                                                                dtype=torch.uint8, device=device))
             self.register_buffer(f"{proj}_scales", torch.zeros(num_experts, out_features, groups, dtype=torch.uint8,
                                                                device=device))
@@ -182,14 +173,13 @@ class Mxfp4Experts(nn.Module):
     @classmethod
     def from_float(cls, bank: nn.Module) -> Mxfp4Experts:
         """Quantize a float ``GptOssExperts`` (weights ``(E, in, out)``) to MXFP4 (its biases kept as they are)."""
-        quantize, _ = _codec()
         gate_up, down = bank.gate_up_proj, bank.down_proj
         num_experts, hidden, two_inter = gate_up.shape
         new = cls(num_experts, hidden, two_inter // 2, bank.alpha, bank.limit, bank.gate_up_proj_bias.dtype,
                   gate_up.device)
         with torch.no_grad():
             for proj, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
-                blocks, scales = quantize(weight.detach().transpose(1, 2))  # (E, out, in) → codes
+                blocks, scales = mxfp4_quantize(weight.detach().transpose(1, 2))  # (E, out, in) → codes
                 getattr(new, f"{proj}_blocks").copy_(blocks)
                 getattr(new, f"{proj}_scales").copy_(scales)
                 getattr(new, f"{proj}_bias").copy_(getattr(bank, f"{proj}_bias").detach())
@@ -205,7 +195,7 @@ class Mxfp4Experts(nn.Module):
             raise UnsupportedLayerError(_TRANSFORMERS_MXFP4_FIX)
         blocks = tensors["gate_up_proj_blocks"]
         num_experts, two_inter, groups, _ = blocks.shape
-        new = cls(num_experts, groups * MXFP4_BLOCK, two_inter // 2, getattr(bank, "alpha", 1.702),
+        new = cls(num_experts, groups * MX_GROUP, two_inter // 2, getattr(bank, "alpha", 1.702),
                   getattr(bank, "limit", 7.0), tensors["gate_up_proj_bias"].dtype, device=torch.device("meta"))
         for name, tensor in tensors.items():
             if tuple(tensor.shape) != tuple(getattr(new, name).shape):
@@ -403,8 +393,7 @@ class Mxfp4ExpertsFormat(ExpertsFormat):
         return getattr(self.layer, f"{proj}_blocks"), getattr(self.layer, f"{proj}_scales")
 
     def dequantize_projection(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        _, dequantize = _codec()
-        return dequantize(*self._codes(proj), dtype)
+        return mxfp4_dequantize(*self._codes(proj), dtype)
 
     def project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         blocks, scales = self._codes(proj)
@@ -419,8 +408,7 @@ class Mxfp4ExpertsFormat(ExpertsFormat):
             getattr(self.layer, name).copy_(tensor)
 
     def _store_projection(self, proj: str, weight: torch.Tensor) -> None:
-        quantize, _ = _codec()
-        blocks, scales = quantize(weight.to(torch.float32))
+        blocks, scales = mxfp4_quantize(weight.to(torch.float32))
         for part, tensor in zip(self._PARTS, (blocks, scales)):
             getattr(self.layer, f"{proj}_{part}").copy_(tensor)
 

@@ -168,13 +168,13 @@ class WeightFormat:
         (exactly zero); any other trained tensor of the base keeps the layer's own autograd.
         """
         layer = self.layer
-        bias = getattr(layer, "bias", None)
+        if not self.frozen_forward or args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
+            return layer(x, *args, **kwargs)
         trained = [name for name, p in layer.named_parameters() if p.requires_grad]
-        if (not self.frozen_forward or args or kwargs or not (torch.is_grad_enabled() and x.requires_grad)
-                or trained not in ([], ["bias"])):
+        if trained not in ([], ["bias"]):
             return layer(x, *args, **kwargs)
         out = _FrozenBaseForward.apply(x, self)
-        return out + (bias - bias.detach()).to(out.dtype) if trained else out
+        return out + (layer.bias - layer.bias.detach()).to(out.dtype) if trained else out
 
     #: see :meth:`forward`
     frozen_forward: ClassVar[bool] = False

@@ -16,6 +16,7 @@ from torch import nn
 from .block_scaled import Fp8BlockLinear, Mxfp4Linear
 from .experts import Mxfp4Experts
 from .int_quant import IntConv2d, IntLinear
+from .kernels.block_scaled import MX_GROUP
 from .quant_formats import require
 
 Names = Optional[Union[str, Iterable[str]]]
@@ -127,12 +128,12 @@ def quantize_model(
             + ". Fix: check target_modules / exclude_modules against model.named_modules()."
         )
     if backend == "mxfp4":  # refuse before swapping anything, naming every layer that cannot be held
-        narrow = [f"{name} ({width})" for name, module in swaps for width in _input_widths(module) if width % 32]
+        narrow = [f"{name} ({width})" for name, module in swaps for width in _input_widths(module) if width % MX_GROUP]
         if narrow:
             raise ValueError(
-                f"MXFP4 stores one scale per 32 input values; these layers' input widths are not multiples of "
-                f"32: {', '.join(narrow[:5])}{' ...' if len(narrow) > 5 else ''}. Fix: exclude_modules=[...] them, or "
-                "use backend='fp8'."
+                f"MXFP4 stores one scale per {MX_GROUP} input values; these layers' input widths are not multiples of "
+                f"{MX_GROUP}: {', '.join(narrow[:5])}{' ...' if len(narrow) > 5 else ''}. Fix: exclude_modules=[...] "
+                "them, or use backend='fp8'."
             )
     for name, module in swaps:
         if type(module) in banks:

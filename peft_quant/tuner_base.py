@@ -191,19 +191,18 @@ class PeftQuantTuner(BaseTuner):
         """PEFT's, after refusing ``bias`` settings that could not take effect: a targeted base whose bias is a plain
         tensor or buffer (HQQ, gptqmodel's AWQ/GPTQ layers) is in no optimizer's parameters, so it would silently
         stay as it is."""
-        for adapter in self.active_adapters:
-            if getattr(self.peft_config[adapter], "bias", "none") == "none":
-                continue
-            frozen = [name for name, layer in self._tuner_layers().items()
-                      if isinstance(getattr(layer.get_base_layer(), "bias", None), torch.Tensor)
-                      and not isinstance(layer.get_base_layer().bias, nn.Parameter)]
-            if frozen:
-                raise ValueError(
-                    f"bias={self.peft_config[adapter].bias!r} cannot train the biases of {', '.join(frozen[:3])}"
-                    f"{' ...' if len(frozen) > 3 else ''}: their base layers hold the bias as a plain tensor, not a "
-                    "parameter, so no optimizer would ever update it. Fix: bias='none', or make those biases "
-                    "parameters (layer.bias = nn.Parameter(layer.bias)) before get_peft_model."
-                )
+        biased = [self.peft_config[a].bias for a in self.active_adapters
+                  if getattr(self.peft_config[a], "bias", "none") != "none"]
+        frozen = [name for name, layer in self._tuner_layers().items()
+                  if isinstance(getattr(layer.get_base_layer(), "bias", None), torch.Tensor)
+                  and not isinstance(layer.get_base_layer().bias, nn.Parameter)] if biased else []
+        if frozen:
+            raise ValueError(
+                f"bias={biased[0]!r} cannot train the biases of {', '.join(frozen[:3])}"
+                f"{' ...' if len(frozen) > 3 else ''}: their base layers hold the bias as a plain tensor, not a "
+                "parameter, so no optimizer would ever update it. Fix: bias='none', or make those biases "
+                "parameters (layer.bias = nn.Parameter(layer.bias)) before get_peft_model."
+            )
         super()._mark_only_adapters_as_trainable(model)
 
     def _tuner_layers(self) -> dict[str, nn.Module]:
