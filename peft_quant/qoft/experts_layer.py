@@ -17,7 +17,7 @@ from torch import nn
 from ..experts_tuning import ExpertsLayerMixin
 from ..kernels import qoft as qoft_kernels
 from .config import QOFTConfig
-from .layer import QOFTLayer
+from .layer import QOFTLayer, block_width
 from .rotation import num_packed, rotate
 
 
@@ -43,22 +43,9 @@ class QOFTExpertsLayer(ExpertsLayerMixin, QOFTLayer):
 
     def _block_size(self, config: QOFTConfig, proj: str, where: str) -> int:
         """The block width for projection ``proj``'s input, or an error naming the fix."""
-        width = self.widths(proj)[1]
-        label = f"{proj} of {where} ({self.base_format.label}, input width {width})"
-        if config.block_size is not None:
-            if width % config.block_size:
-                raise ValueError(
-                    f"QOFT block_size={config.block_size} does not divide the input width of {label}. Fix: choose a "
-                    f"block_size dividing both expert input widths (hidden {self.widths('gate_up_proj')[1]} and "
-                    f"intermediate {self.widths('down_proj')[1]}), use num_blocks, or exclude this module."
-                )
-            return config.block_size
-        if width % config.num_blocks or width // config.num_blocks < 2:
-            raise ValueError(
-                f"QOFT num_blocks={config.num_blocks} does not split the input width of {label} into blocks of width "
-                f">= 2. Fix: choose num_blocks dividing {width} (at most {width // 2}), or set block_size."
-            )
-        return width // config.num_blocks
+        fix = (f"choose a block_size dividing both expert input widths (hidden {self.widths('gate_up_proj')[1]} and "
+               f"intermediate {self.widths('down_proj')[1]}), use num_blocks, or exclude this module")
+        return block_width(config, self.widths(proj)[1], f"{proj} of {where} ({self.base_format.label})", fix)
 
     def update_layer(self, adapter_name: str, config: QOFTConfig, layer_name: str = "") -> None:
         """Create adapter ``adapter_name``'s per-expert rotation parameters (identity unless ``init_weights=False``)."""

@@ -19,6 +19,25 @@ from .config import QOFTConfig
 from .rotation import num_packed, rotate
 
 
+def block_width(config: QOFTConfig, width: int, where: str, block_size_fix: Optional[str] = None) -> int:
+    """The rotation block width ``config`` gives an input of ``width`` (``block_size``, or ``width / num_blocks``), or
+    a ValueError naming ``where`` and the fix (``block_size_fix`` replaces the default one for ``block_size``)."""
+    if config.block_size is not None:
+        if width % config.block_size:
+            fix = block_size_fix or (f"choose a block_size that divides {width}, use num_blocks, or exclude this layer "
+                                     "from target_modules")
+            raise ValueError(
+                f"QOFT block_size={config.block_size} does not divide the input width {width} of {where}. Fix: {fix}."
+            )
+        return config.block_size
+    if width % config.num_blocks or width // config.num_blocks < 2:
+        raise ValueError(
+            f"QOFT num_blocks={config.num_blocks} does not divide the input width {width} of {where} into blocks of "
+            f"width >= 2. Fix: choose num_blocks dividing {width} (at most {width // 2}), or set block_size."
+        )
+    return width // config.num_blocks
+
+
 class QOFTLayer(nn.Module, PeftQuantLayer):
     """Wraps a base layer; ``forward(x) = base_layer(x R)`` for each active adapter's rotation ``R``.
 
@@ -41,23 +60,7 @@ class QOFTLayer(nn.Module, PeftQuantLayer):
         """Create adapter ``adapter_name``'s rotation parameters (identity unless ``init_weights=False``)."""
         width = self.in_features
         where = f"layer {layer_name!r}" if layer_name else "this layer"
-        if config.block_size is not None:
-            block = config.block_size
-            if width % block:
-                raise ValueError(
-                    f"QOFT block_size={block} does not divide the input width {width} of {where} "
-                    f"({self.base_format.label}). Fix: choose a block_size that divides {width}, use num_blocks, or "
-                    "exclude this layer from target_modules."
-                )
-        else:
-            if width % config.num_blocks:
-                raise ValueError(
-                    f"QOFT num_blocks={config.num_blocks} does not divide the input width {width} of {where}. "
-                    f"Fix: choose num_blocks dividing {width}, or set block_size."
-                )
-            block = width // config.num_blocks
-            if block < 2:
-                raise ValueError(f"QOFT num_blocks={config.num_blocks} leaves blocks of width 1 in {where}.")
+        block = block_width(config, width, f"{where} ({self.base_format.label})")
         blocks = 1 if config.block_share else width // block
         packed = torch.zeros(blocks, num_packed(block), dtype=torch.float32)
         if not config.init_weights:
